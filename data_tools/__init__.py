@@ -1,0 +1,4 @@
+"""Offline data preparation for mopro-fast: listing, fixture generation, shard writing, verification.
+
+No training code lives here (DESIGN.md section 3).
+"""

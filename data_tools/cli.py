@@ -1,0 +1,145 @@
+"""Click commands for the data tools: `make-fixture`, `convert`, `verify`.
+
+Every user error ends in one line on stderr and exit code 2 (click's own usage errors do too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.command("make-fixture")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", default=10, show_default=True, type=click.IntRange(2, 1000),
+              help="Number of classes (each a distinct shape/colour/texture).")
+@click.option("--train-per-class", default=120, show_default=True, type=click.IntRange(1),
+              help="Training images listed per class, noisy ones included.")
+@click.option("--val-per-class", default=20, show_default=True, type=click.IntRange(0),
+              help="WebVision-val images per class (clean labels).")
+@click.option("--imagenet-per-class", default=20, show_default=True, type=click.IntRange(0),
+              help="ImageNet-val images per class, under OUT/imagenet_val/<wnid>/.")
+@click.option("--image-size", default=64, show_default=True, type=click.IntRange(16, 4096),
+              help="Base shorter side in pixels; sizes and aspect ratios vary around it like web images.")
+@click.option("--noise", default=0.2, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of training labels flipped to another class.")
+@click.option("--ood", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of training images that show no class (out-of-distribution), with random labels.")
+@click.option("--flickr", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of training images listed under the flickr source (the rest: google).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives the same bytes.")
+@click.option("--corrupt", is_flag=True,
+              help="Also plant broken web files (truncated, PNG/GIF behind .jpg, CMYK, grayscale, empty, "
+                   "missing, 20000x20000) listed in OUT/corrupt.tsv.")
+def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: int, imagenet_per_class: int,
+                 image_size: int, noise: float, ood: float, flickr: float, seed: int, corrupt: bool) -> None:
+    """Write the built-in WebVision-1.0-shaped data set to OUT.
+
+    Real JPEGs a small CNN can learn, with planted web noise: flipped labels and out-of-distribution
+    images, recorded in OUT/truth.tsv (clean label or 'ood' per training image).
+    """
+    from data_tools.fixture import FixtureSpec, make_fixture as build
+
+    if noise + ood > 1:
+        fail(f"--noise {noise} + --ood {ood} exceeds 1; lower one of them")
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} exists and is not empty; pick a new folder or delete it")
+    spec = FixtureSpec(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                       imagenet_per_class=imagenet_per_class, image_size=image_size, noise=noise, ood=ood,
+                       flickr=flickr, seed=seed, corrupt=corrupt)
+    summary = build(out, spec, progress=sys.stderr.isatty())
+    click.echo(json.dumps(summary.to_dict(), indent=1, default=str))
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--subset", type=click.Choice(["webvision", "mini"]), default="webvision", show_default=True,
+              help="webvision: all classes, google+flickr. mini: mini-WebVision (google only, classes 0-49).")
+@click.option("--classes", type=click.IntRange(1), default=None,
+              help="Keep only classes 0..N-1 (after --subset).")
+@click.option("--sources", default=None, metavar="LIST",
+              help="Comma-separated training sources to keep, e.g. google or google,flickr.")
+@click.option("--val-dir", default="val_images_256", show_default=True,
+              help="Folder under SRC holding the files of info/val_filelist.txt.")
+@click.option("--imagenet-val", type=click.Path(path_type=Path), default=None,
+              help="ImageNet val folder (one sub-folder per wnid, or flat with --imagenet-labels); "
+                   "adds the imagenet-val split.")
+@click.option("--imagenet-labels", type=click.Path(path_type=Path), default=None,
+              help="Labels file for a flat ImageNet val folder: '<file> <class id or wnid>' per line.")
+@click.option("--max-side", default=256, show_default=True, type=int,
+              help="Resize so the shorter side is at most this many pixels (never upscales).")
+@click.option("--quality", default=90, show_default=True, type=int, help="JPEG quality of re-encoded images.")
+@click.option("--shard-size", default=2000, show_default=True, type=int,
+              help="Samples per shard (about 40 MB at 256 px); use a few shards per loader worker and rank.")
+@click.option("--max-pixels", default=100_000_000, show_default=True, type=int,
+              help="Reject images with more pixels than this, from the header, before decoding.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the one-time shuffle of the training records across shards.")
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="Processes converting shards in parallel [default: all cores]. Output does not depend on it.")
+@click.option("--overwrite", is_flag=True, help="Clear OUT first if it holds something else.")
+def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str | None, val_dir: str,
+            imagenet_val: Path | None, imagenet_labels: Path | None, max_side: int, quality: int,
+            shard_size: int, max_pixels: int, seed: int, workers: int | None, overwrite: bool) -> None:
+    """Convert a WebVision-1.0 folder SRC into WebDataset shards under OUT.
+
+    Writes OUT/<split>/<split>-NNNNNN.tar with a DALI index (.idx) beside each, for the splits
+    train, val and (with --imagenet-val) imagenet-val, and OUT/manifest.json: settings, shard
+    list with sha256, counts per class and source, and every rejected record with its reason.
+    Re-running the same command after an interruption finishes the job and reuses complete shards.
+    """
+    from data_tools.convert import ConvertError, ConvertSettings, convert as run
+
+    source_list = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None
+    settings = ConvertSettings(subset=subset, classes=classes, sources=source_list, val_dir=val_dir,
+                               imagenet_val=str(imagenet_val) if imagenet_val else None,
+                               imagenet_labels=str(imagenet_labels) if imagenet_labels else None,
+                               max_side=max_side, quality=quality, shard_size=shard_size,
+                               max_pixels=max_pixels, seed=seed)
+    if not src.exists():
+        fail(f"{src}: no such directory; pass the WebVision root (the folder holding info/)")
+    try:
+        manifest = run(src, out, settings, workers=workers or os.cpu_count(), overwrite=overwrite,
+                       progress=sys.stderr.isatty() or bool(os.environ.get("MOPRO_PROGRESS")))
+    except ConvertError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; re-run the same command to resume", code=130)
+    for name, split in manifest["splits"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in split["rejected_by_reason"].items()) or "none"
+        click.echo(f"{name}: {split['num_written']}/{split['num_listed']} written in {len(split['shards'])} "
+                   f"shard(s), {split['num_repaired']} repaired, rejected: {reasons}")
+    click.echo(f"manifest: {out / 'manifest.json'}")
+
+
+@click.command("verify")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--no-decode", is_flag=True, help="Skip decoding every JPEG (checks hashes, counts, indexes only).")
+def verify(out: Path, no_decode: bool) -> None:
+    """Re-read every shard under OUT and check it against OUT/manifest.json.
+
+    Checks sizes, sha256, sample counts, fields, labels, DALI index files, and that every image
+    decodes. Exit 0 only if everything holds; problems are listed on stderr.
+    """
+    from data_tools.verify import VerifyError, verify as run
+
+    try:
+        report = run(out, decode=not no_decode, progress=sys.stderr.isatty())
+    except VerifyError as exc:
+        fail(str(exc))
+    for problem in report.problems[:50]:
+        click.echo(f"  {problem}", err=True)
+    if len(report.problems) > 50:
+        click.echo(f"  ... and {len(report.problems) - 50} more", err=True)
+    click.echo(report.summary(out))
+    sys.exit(0 if report.ok else 1)

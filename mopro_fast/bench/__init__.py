@@ -1,0 +1,24 @@
+"""`mopro-fast bench ...`: benchmarks that compare a fast path with its baseline in the same run.
+
+Every benchmark prints JSON (device, versions, settings, medians, ratio) so results can be
+committed under `benchmarks/results/` and quoted in the README.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def bench() -> None:
+    """Measure mopro-fast against the naive way, in the same run; prints JSON."""
+
+
+def _register() -> None:
+    # Each sub-module defines one or more click commands and keeps its heavy imports lazy.
+    from mopro_fast.bench import convert as _convert
+
+    bench.add_command(_convert.convert_bench)
+
+
+_register()

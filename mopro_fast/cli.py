@@ -1,0 +1,36 @@
+"""The `mopro-fast` command line: one click group, one sub-command per job.
+
+Commands live next to the code they drive; this module only assembles them, so
+`mopro-fast --help` stays fast (no torch, DALI or FFCV import until a command runs).
+"""
+
+from __future__ import annotations
+
+import click
+
+from data_tools.cli import convert, make_fixture, verify
+from mopro_fast import __version__
+from mopro_fast.bench import bench
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mopro-fast")
+def main() -> None:
+    """mopro-fast: train MoPro (momentum prototypes) on noisy web images, fast.
+
+    \b
+    Typical flow:
+      mopro-fast make-fixture data/fixture          # a small WebVision-shaped data set
+      mopro-fast convert data/fixture data/shards   # -> WebDataset shards + manifest.json
+      mopro-fast verify data/shards                 # re-read and check every shard
+      mopro-fast bench convert --json               # measure conversion speed
+    """
+
+
+main.add_command(make_fixture)
+main.add_command(convert)
+main.add_command(verify)
+main.add_command(bench)
+
+if __name__ == "__main__":
+    main()
