@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from data_tools.imaging import ImageRejected, prepare_image
-from data_tools.shards import (FIELDS, INDEX_VERSION, Sample, atomic_write_bytes, atomic_write_json,
-                               build_index, sha256_file, write_tar)
+from data_tools.shards import (INDEX_VERSION, Sample, atomic_write_bytes, atomic_write_json,
+                               index_text, sha256_file, write_tar)
 from data_tools.webvision import (ListingError, Record, Split, effective_classes, list_imagenet_val, list_webvision,
                                   read_synsets)
 
@@ -175,7 +175,7 @@ def run_shard(task: ShardTask, settings: ConvertSettings, tick: Callable[[], Non
 
     tar_path, idx_path = out / task.tar_rel, out / task.idx_rel
     tmp = tar_path.with_name(f"{tar_path.name}.tmp-{os.getpid()}")
-    write_tar(tmp, samples())
+    members = write_tar(tmp, samples())
     written = sum(class_counts.values())
     state = {"fingerprint": task.fingerprint, "records": task.records_digest(), "samples": written,
              "rejects": rejects, "repaired": repaired,
@@ -191,7 +191,7 @@ def run_shard(task: ShardTask, settings: ConvertSettings, tick: Callable[[], Non
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, tar_path)
-        atomic_write_bytes(idx_path, build_index(tar_path).encode())
+        atomic_write_bytes(idx_path, index_text(members).encode())
         state.update(file=task.tar_rel, index=task.idx_rel, bytes=tar_path.stat().st_size,
                      sha256=sha256_file(tar_path), index_sha256=sha256_file(idx_path))
     atomic_write_json(task.state_path, state)
@@ -344,7 +344,8 @@ def _prepare_out(out: Path, settings: ConvertSettings, overwrite: bool) -> None:
                 raise ConvertError(f"{out} holds a conversion made with other settings ({changed}); "
                                    f"use another OUT or pass --overwrite")
             _clear(out)
-    elif out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+    elif out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists() and not (out / ".state").is_dir():
+        # (A run killed before its settings stamp landed leaves .state/ behind: that OUT is ours.)
         if not overwrite:
             raise ConvertError(f"{out} exists and is not a mopro-fast conversion; use an empty or new OUT, "
                                f"or pass --overwrite to clear it")

@@ -47,8 +47,12 @@ class Sample:
         }
 
 
-def write_tar(path: Path, samples: Iterable[Sample]) -> None:
-    """Write samples to `path` with byte-stable tar headers (GNU format, no timestamps)."""
+def write_tar(path: Path, samples: Iterable[Sample]) -> list[tuple[str, int, int]]:
+    """Write samples to `path` with byte-stable tar headers (GNU format, no timestamps).
+
+    Returns (member name, data offset, size) per member, so the index needs no second read.
+    """
+    members = []
     with open(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for sample in samples:
             for ext, data in sample.members().items():
@@ -58,7 +62,12 @@ def write_tar(path: Path, samples: Iterable[Sample]) -> None:
                 info.mode = 0o644
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
+                start = tar.offset
                 tar.addfile(info, io.BytesIO(data))
+                # Data follows the header block(s): padded size = end - start - header length.
+                header = len(info.tobuf(tarfile.GNU_FORMAT, tar.encoding, tar.errors))
+                members.append((info.name, start + header, info.size))
+    return members
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -77,9 +86,14 @@ def iter_members(path: Path) -> Iterator[tuple[str, int, int]]:
 
 def build_index(path: Path) -> str:
     """The DALI `wds2idx` index text for the tar at `path` (same grouping rule as DALI)."""
+    return index_text(iter_members(path))
+
+
+def index_text(members: Iterable[tuple[str, int, int]]) -> str:
+    """Index text from (member name, data offset, size) in tar order."""
     groups: list[list[str]] = []
     last = None
-    for name, offset, size in iter_members(path):
+    for name, offset, size in members:
         base, ext = split_name(name)
         if not base or base.endswith("/"):
             continue  # hidden files such as `.keep`, skipped by DALI's tool too

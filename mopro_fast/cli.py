@@ -11,6 +11,7 @@ import click
 from data_tools.cli import convert, make_fixture, verify
 from mopro_fast import __version__
 from mopro_fast.bench import bench
+from mopro_fast.demo import demo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -24,6 +25,7 @@ def main() -> None:
       mopro-fast convert data/fixture data/shards   # -> WebDataset shards + manifest.json
       mopro-fast verify data/shards                 # re-read and check every shard
       mopro-fast bench convert --json               # measure conversion speed
+      mopro-fast demo                               # all of the above on the built-in data
     """
 
 
@@ -31,6 +33,7 @@ main.add_command(make_fixture)
 main.add_command(convert)
 main.add_command(verify)
 main.add_command(bench)
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()

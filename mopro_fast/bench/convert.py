@@ -100,7 +100,7 @@ def run_convert_bench(classes: int, per_class: int, image_size: int, workers: in
 @click.command("convert")
 @click.option("--classes", default=10, show_default=True, help="Classes of the generated built-in data set.")
 @click.option("--per-class", default=100, show_default=True, help="Training images per class.")
-@click.option("--image-size", default=400, show_default=True,
+@click.option("--image-size", default=500, show_default=True,
               help="Base shorter side of the generated images (web-like sizes need a resize to 256).")
 @click.option("--workers", default=None, type=click.IntRange(1), help="Workers of the fast path [default: all cores].")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Timed runs; the median is reported.")
