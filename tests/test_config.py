@@ -1,0 +1,304 @@
+"""Config: recipes load, overrides are typed, bad input fails with one line naming the key,
+derived values and schedules have the expected numbers, and the resolved recipe round-trips."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mopro_fast.config import (Config, ConfigError, DataConfig, MoproConfig, OptimConfig, RunConfig, ScheduleConfig,
+                               derive, format_config_error, load_config, lr_at, mopro_switches)
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+DEMO = next(p for p in RECIPES if p.name == "demo_cpu.yaml")
+RN50_8 = next(p for p in RECIPES if p.name == "rn50_8gpu.yaml")
+RN50_1 = next(p for p in RECIPES if p.name == "rn50_1gpu.yaml")
+
+
+def error(recipe: Path | str, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg and msg == msg.strip()
+    return msg
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+
+def test_all_recipes_present():
+    assert {p.name for p in RECIPES} >= {"rn50_8gpu.yaml", "rn50_1gpu.yaml", "mini_webvision.yaml", "demo_cpu.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_loads_and_sets_nothing_ignored(recipe):
+    import yaml
+
+    cfg = load_config(recipe, [])
+    raw = yaml.safe_load(recipe.read_text())
+    assert recipe.read_text().startswith("#"), "a recipe starts with a comment saying what it is for"
+    assert len(recipe.read_text().splitlines()) <= 45
+    if cfg.schedule.kind == "cosine":
+        assert not {"milestones", "gamma"} & set(raw.get("schedule", {}))
+    if cfg.loader.backend != "dali":
+        assert not {"hw_decoder_load", "dali_initial_fill"} & set(raw.get("loader", {}))
+    if cfg.loader.backend == "dali":
+        assert "shuffle_buffer" not in raw.get("loader", {})
+    assert derive(cfg, world_size=1, num_train=10_000).steps_per_epoch >= 1
+
+
+def test_paper_recipe_is_the_default_setup():
+    cfg = load_config(RN50_8, [])
+    assert cfg.mopro == MoproConfig()  # defaults are the paper's numbers
+    assert cfg.optim == OptimConfig()
+    assert cfg.schedule == ScheduleConfig()
+    assert (cfg.model.arch, cfg.loader.batch_size, cfg.run.precision, cfg.run.channels_last) == \
+        ("resnet50", 32, "bf16", True)
+    d = derive(cfg, world_size=8, num_train=2_400_000)
+    assert (d.global_batch, d.lr, d.proto_start_epoch, d.clean_start_epoch) == (256, 0.1, 1, 11)
+
+
+def test_demo_recipe():
+    cfg = load_config(DEMO, [])
+    assert (cfg.model.arch, cfg.model.small_stem, cfg.loader.backend, cfg.run.precision) == \
+        ("resnet18", True, "torch", "fp32")
+    assert (cfg.loader.resolution, cfg.loader.eval_resolution, cfg.loader.eval_resize) == (32, 32, 36)
+    assert (cfg.data.shards, cfg.data.truth, cfg.run.out) == ("demo/shards", "demo/fixture/truth.tsv", "runs/demo")
+    assert cfg.schedule.kind == "cosine" and cfg.schedule.warmup_epochs > 0
+    assert 0 < cfg.mopro.start_clean_epoch < cfg.schedule.epochs
+
+
+# ---- overrides ----------------------------------------------------------------------------------
+
+def test_overrides_apply_with_types():
+    cfg = load_config(DEMO, ["optim.lr=0.2", "run.compile=true", "run.out=runs/x", "schedule.kind=step",
+                             "schedule.milestones=[5, 9]", "loader.batch_size=16", "data.num_classes=10"])
+    assert cfg.optim.lr == 0.2 and type(cfg.optim.lr) is float
+    assert cfg.run.compile is True
+    assert cfg.run.out == "runs/x"
+    assert cfg.schedule.milestones == [5, 9] and all(type(m) is int for m in cfg.schedule.milestones)
+    assert cfg.loader.batch_size == 16 and type(cfg.loader.batch_size) is int
+    assert cfg.data.num_classes == 10
+
+
+def test_int_given_for_a_float_becomes_a_float():
+    cfg = load_config(DEMO, ["optim.lr=1", "optim.weight_decay=1e-4"])
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == 1.0 and cfg.optim.weight_decay == 1e-4
+
+
+def test_later_override_wins():
+    assert load_config(DEMO, ["optim.lr=0.2", "optim.lr=0.3"]).optim.lr == 0.3
+
+
+def test_null_for_optional_fields():
+    cfg = load_config(DEMO, ["data.truth=null", "data.num_classes=null"])
+    assert cfg.data.truth is None and cfg.data.num_classes is None
+
+
+# ---- errors: one line naming the dotted key ------------------------------------------------------
+
+def test_unknown_key_in_file_with_suggestion(tmp_path):
+    path = write(tmp_path, "data:\n  shards: s\noptim:\n  lrr: 0.1\nrun:\n  out: o\n")
+    assert error(path) == f"optim.lrr: unknown key in {path}; did you mean optim.lr?"
+
+
+def test_unknown_key_in_override_with_suggestion():
+    msg = "optim.lrr: unknown key in override 'optim.lrr=0.2'; did you mean optim.lr?"
+    assert error(DEMO, ["optim.lrr=0.2"]) == msg
+
+
+def test_unknown_section_and_misplaced_key():
+    assert error(DEMO, ["optimm.lr=0.2"]).startswith("optimm: unknown section")
+    assert error(DEMO, ["optimm.lr=0.2"]).endswith("did you mean optim?")
+    assert error(DEMO, ["optim.epochs=3"]).endswith("did you mean schedule.epochs?")
+    msg = error(DEMO, ["optim.zzz=3"])
+    assert msg.startswith("optim.zzz: unknown key") and "lr, base_batch" in msg
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("loader.batch_size=abc", "loader.batch_size", "expected an integer"),
+    ("loader.batch_size='32'", "loader.batch_size", "expected an integer"),
+    ("loader.batch_size=32.5", "loader.batch_size", "expected an integer"),
+    ("run.compile=1", "run.compile", "expected true or false"),
+    ("mopro.enabled=0", "mopro.enabled", "expected true or false"),
+    ("optim.lr=fast", "optim.lr", "expected a number"),
+    ("optim.lr=true", "optim.lr", "expected a number"),
+    ("run.device=on", "run.device", "expected a string"),
+    ("schedule.milestones=3", "schedule.milestones", "expected a list"),
+    ("schedule.milestones=[1, x]", "schedule.milestones", "item 1: expected an integer"),
+    ("optim.lr=null", "optim.lr", "must not be null"),
+    ("optim=3", "optim", "expected a mapping"),
+])
+def test_wrong_type(override, key, words):
+    msg = error(DEMO, [override])
+    assert msg.startswith(f"{key}: ") and words in msg and f"override '{override}'" in msg
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = write(tmp_path, "data:\n  shards: s\nrun:\n  out: o\n  tensorboard: 1\n")
+    assert error(path) == f"run.tensorboard: expected true or false, got int 1 in {path}"
+
+
+@pytest.mark.parametrize("overrides, start", [
+    (["optim.lr=-0.1"], "optim.lr: must be > 0, got -0.1"),
+    (["optim.lr=0"], "optim.lr: must be > 0"),
+    (["loader.batch_size=0"], "loader.batch_size: must be >= 1, got 0"),
+    (["mopro.alpha=1.5"], "mopro.alpha: must be in [0, 1], got 1.5"),
+    (["mopro.alpha=-0.1"], "mopro.alpha: must be in [0, 1]"),
+    (["mopro.pseudo_threshold=0"], "mopro.pseudo_threshold: must be in (0, 1]"),
+    (["mopro.pseudo_threshold=1.2"], "mopro.pseudo_threshold: must be in (0, 1]"),
+    (["mopro.momentum=1"], "mopro.momentum: must be in [0, 1)"),
+    (["mopro.temperature=0"], "mopro.temperature: must be > 0"),
+    (["model.arch=resnet5"], "model.arch: 'resnet5' is not one of resnet50, resnet18"),
+    (["loader.backend=pil"], "loader.backend: 'pil' is not one of torch, dali, ffcv, nvjpeg"),
+    (["run.precision=fp8"], "run.precision: 'fp8' is not one of bf16, fp16, fp32"),
+    (["optim.impl=cuda"], "optim.impl: 'cuda' is not one of"),
+    (["schedule.kind=step", "schedule.milestones=[5, 20]"], "schedule.milestones: [5, 20] must be increasing"),
+    (["schedule.kind=step", "schedule.milestones=[8, 4]"], "schedule.milestones: [8, 4] must be increasing"),
+    (["schedule.milestones=[0]"], "schedule.milestones[0]: must be >= 1"),
+    (["schedule.warmup_epochs=12"], "schedule.warmup_epochs: must be < schedule.epochs"),
+    (["mopro.start_clean_epoch=13"], "mopro.start_clean_epoch: 13 is beyond schedule.epochs (12)"),
+    (["mopro.proto_start_epoch=20"], "mopro.proto_start_epoch: 20 is beyond schedule.epochs"),
+    (["loader.eval_resolution=40"], "loader.eval_resolution: 40 is larger than loader.eval_resize (36)"),
+    (["loader.hw_decoder_load=2"], "loader.hw_decoder_load: must be in [0, 1]"),
+    (["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov: needs optim.momentum > 0"),
+    (["data.eval_splits=[val, val]"], "data.eval_splits: lists a split twice"),
+    (["run.eval_every=0"], "run.eval_every: must be >= 1"),
+    (["data.num_classes=0"], "data.num_classes: must be >= 1"),
+    (["data.shards=''"], "data.shards: missing"),
+])
+def test_impossible_values(overrides, start):
+    assert error(DEMO, overrides).startswith(start)
+
+
+def test_cosine_ignores_milestones_and_disabled_mopro_ignores_start_epochs():
+    load_config(DEMO, ["schedule.milestones=[50]"])  # kind=cosine: milestones unused
+    load_config(DEMO, ["mopro.enabled=false", "mopro.start_clean_epoch=99"])
+
+
+def test_missing_required_and_bad_files(tmp_path):
+    assert error(write(tmp_path, "model:\n  arch: resnet18\n"), ["run.out=o"]).startswith("data.shards: missing")
+    assert error(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: recipe file not found"
+    assert "not valid YAML" in error(write(tmp_path, "optim:\n  lr: [1\n"))
+    assert "not valid YAML" in error(write(tmp_path, "optim:\n  lr: 1\n  lr: 2\n"))
+    assert "must be a mapping of sections" in error(write(tmp_path, "- a\n- b\n"))
+    assert error(DEMO, ["optim.lr"]) == "optim.lr: an override must look like section.key=value"
+
+
+def test_format_config_error():
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, ["optim.lrr=1"])
+    assert format_config_error(info.value).splitlines() == [f"config error: {info.value}"]
+    assert str(ConfigError("a:\n  b")) == "a: b"
+
+
+# ---- derived values -----------------------------------------------------------------------------
+
+def base_config(**schedule) -> Config:
+    """Paper defaults with a given schedule (cleaning at the last epoch when the run is short)."""
+    clean = min(11, schedule.get("epochs", 90))
+    return Config(data=DataConfig(shards="s"), run=RunConfig(out="o"), schedule=ScheduleConfig(**schedule),
+                  mopro=MoproConfig(start_clean_epoch=clean))
+
+
+def test_derive_paper_setup_on_one_and_two_nodes():
+    cfg = load_config(RN50_8, [])
+    d = derive(cfg, world_size=8, num_train=2_400_000)
+    assert (d.global_batch, d.lr, d.steps_per_epoch, d.total_steps, d.warmup_steps) == (256, 0.1, 9375, 843_750, 0)
+    assert d.milestone_steps == (375_000, 750_000) and d.num_classes == 1000 and not d.capped
+    d = derive(cfg, world_size=16, num_train=2_400_000)
+    assert (d.global_batch, d.lr, d.steps_per_epoch) == (512, 0.2, 4687)
+
+
+def test_derive_scaling_cap_and_limits():
+    d = derive(load_config(RN50_1, ["loader.batch_size=128"]), world_size=1, num_train=1000)
+    assert (d.global_batch, d.lr, d.steps_per_epoch) == (128, 0.05, 7)
+    d = derive(load_config(DEMO, ["run.max_steps_per_epoch=5"]), world_size=2, num_train=1200)
+    assert (d.global_batch, d.steps_per_epoch, d.total_steps, d.warmup_steps, d.capped) == (128, 5, 60, 5, True)
+    assert derive(load_config(DEMO, []), world_size=1, num_train=64).steps_per_epoch == 1
+    too_big = r"^loader.batch_size: global batch 128 \(64 x 2 ranks\) is more than the 100 training samples$"
+    with pytest.raises(ConfigError, match=too_big):
+        derive(load_config(DEMO, []), world_size=2, num_train=100)
+
+
+def test_derive_num_classes_and_switches_off():
+    cfg = load_config(DEMO, [])
+    assert derive(cfg, 1, 1200, manifest_classes=10).num_classes == 10
+    with pytest.raises(ConfigError, match=r"^data.num_classes: 50, but the shards have 10 classes$"):
+        derive(replace(cfg, data=replace(cfg.data, num_classes=50)), 1, 1200, manifest_classes=10)
+    off = derive(load_config(DEMO, ["mopro.enabled=false"]), 1, 1200)
+    assert off.proto_start_epoch is None and off.clean_start_epoch is None and "MoPro off" in off.describe()
+
+
+def test_describe_is_one_paragraph():
+    text = derive(load_config(RN50_8, []), 8, 2_400_000).describe()
+    assert "\n" not in text and "global batch 256" in text and "9375 steps per epoch" in text
+    d = derive(load_config(RN50_8, []), 8, 2_400_000)
+    assert d.to_dict()["milestone_steps"] == (375_000, 750_000) and d.to_dict()["lr"] == 0.1
+    assert "noise cleaning from epoch 11" in text
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+
+def test_step_schedule_with_warmup():
+    # 8 ranks x 32 = 256; 2560 samples / 256 = 10 steps per epoch; warm-up 0.5 epoch = 5 steps; decay at steps 40, 80
+    d = derive(base_config(epochs=10, kind="step", milestones=[4, 8], gamma=0.1, warmup_epochs=0.5), 8, 2560)
+    d = replace(d)  # frozen dataclass, copyable
+    assert (d.warmup_steps, d.milestone_steps, d.total_steps) == (5, (40, 80), 100)
+    expected = {0: 0.02, 1: 0.04, 4: 0.1, 5: 0.1, 39: 0.1, 40: 0.01, 79: 0.01, 80: 0.001, 99: 0.001}
+    for step, lr in expected.items():
+        assert lr_at(d, step) == pytest.approx(lr, abs=1e-12), step
+
+
+def test_cosine_schedule_with_warmup():
+    # 10 steps per epoch, warm-up 1 epoch = 10 steps, cosine over the remaining 90 steps to 0
+    d = derive(base_config(epochs=10, kind="cosine", warmup_epochs=1.0), 8, 2560)
+    expected = {0: 0.01, 4: 0.05, 9: 0.1, 10: 0.1, 40: 0.1 * 0.5 * (1 + math.cos(math.pi / 3)), 55: 0.05,
+                100: 0.0, 150: 0.0}
+    for step, lr in expected.items():
+        assert lr_at(d, step) == pytest.approx(lr, abs=1e-12), step
+    assert lr_at(d, 40) == pytest.approx(0.075, abs=1e-12)
+    assert 0 < lr_at(d, 99) < 1e-3
+    assert all(lr_at(d, s) >= lr_at(d, s + 1) for s in range(10, 100))
+
+
+def test_lr_scales_with_global_batch_in_the_schedule():
+    d = derive(base_config(epochs=2, kind="step", milestones=[1], gamma=0.5), world_size=4, num_train=4096)
+    assert (d.global_batch, d.steps_per_epoch) == (128, 32)
+    assert lr_at(d, 0) == pytest.approx(0.05) and lr_at(d, 32) == pytest.approx(0.025)
+    with pytest.raises(ValueError):
+        lr_at(d, -1)
+
+
+# ---- MoPro switches -----------------------------------------------------------------------------
+
+def test_mopro_switches_at_boundaries():
+    cfg = base_config()  # paper: prototype loss from epoch 1, cleaning from epoch 11
+    assert mopro_switches(cfg, 0) == (False, False)
+    assert mopro_switches(cfg, 1) == (True, False)
+    assert mopro_switches(cfg, 10) == (True, False)
+    assert mopro_switches(cfg, 11) == (True, True)
+    assert mopro_switches(cfg, 89) == (True, True)
+    off = replace(cfg, mopro=replace(cfg.mopro, enabled=False))
+    assert mopro_switches(off, 50) == (False, False)
+
+
+# ---- round trip ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_resolved_config_round_trips(recipe, tmp_path):
+    cfg = load_config(recipe, ["optim.lr=0.2", "run.compile=true", "data.truth=t.tsv"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    again = load_config(saved, [])
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert set(cfg.to_dict()) == {"data", "model", "mopro", "optim", "schedule", "loader", "run"}
+    assert cfg.to_dict()["optim"]["lr"] == 0.2
