@@ -1,0 +1,71 @@
+"""Read `OUT/manifest.json`, as written by `mopro-fast convert` (data_tools/convert.py).
+
+Only what the loaders need: the class count, and per split its shard files (with their sample
+counts, so the loaders can plan who reads what without opening a tar) and its sample total.
+Every problem is a `ManifestError` with a one-line message naming the file or split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+class ManifestError(Exception):
+    """The shards folder cannot be used as it is; one line saying why."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path  # absolute path of the .tar
+    samples: int  # samples in it, as the manifest says
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    num_classes: int
+    splits: dict[str, dict]  # split name -> the manifest's raw summary of that split
+
+    def split(self, name: str) -> dict:
+        try:
+            return self.splits[name]
+        except KeyError:
+            have = ", ".join(sorted(self.splits)) or "none"
+            raise ManifestError(f"split {name!r} is not in {self.root / MANIFEST} (it has: {have})") from None
+
+    def num_written(self, name: str) -> int:
+        """Samples of split `name` that made it into shards."""
+        return int(self.split(name)["num_written"])
+
+    def shards(self, name: str, check_files: bool = True) -> list[ShardInfo]:
+        """The shards of split `name`, in manifest order (the order convert wrote them)."""
+        info = self.split(name)
+        shards = [ShardInfo(self.root / s["file"], int(s["samples"])) for s in info["shards"]]
+        if sum(s.samples for s in shards) != int(info["num_written"]):
+            raise ManifestError(f"{self.root / MANIFEST}: split {name!r} lists shards with "
+                                f"{sum(s.samples for s in shards)} samples but num_written is {info['num_written']}")
+        if check_files:
+            for shard in shards:
+                if not shard.path.is_file():
+                    raise ManifestError(f"shard {shard.path} of split {name!r} is listed in the manifest but missing")
+        return shards
+
+
+def read_manifest(root: Path | str) -> Manifest:
+    """Load `root/manifest.json`; a missing or unreadable manifest raises ManifestError."""
+    root = Path(root)
+    path = root / MANIFEST
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST} in {root}: run `mopro-fast convert SRC {root}` first") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        return Manifest(root, int(raw["num_classes"]), dict(raw["splits"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{path} is not a mopro-fast manifest (missing or bad key {exc})") from None

@@ -1,0 +1,266 @@
+"""Loader backend `torch`: webdataset tar reading + torch DataLoader workers + torchvision ops.
+
+The portable reference the faster backends are measured against (DESIGN.md section 3). Per
+worker: read its window of the shards (mopro_fast.data.stream) with `webdataset`'s tar
+iterators, shuffle with a buffer, decode JPEG with `torchvision.io.decode_jpeg` (libjpeg-turbo)
+into uint8, make the views (mopro_fast.data.views), and stack whole uint8 batches; the main
+process moves each batch to the device and normalises it there (mopro_fast.data.batch).
+
+Determinism: the batches of epoch e on rank r (samples and augmentations) are a pure function
+of (seed, e, r, world_size, workers) and the loader's settings (batch size, resolution, steps,
+shuffle buffer); workers = 0 and 1 give the same batches. Shard order and
+shuffle buffer are seeded per epoch and slot; each sample's views come from a torch.Generator
+seeded with (seed, epoch, rank, world size, workers, worker, position in the worker's output).
+Seeding per position is what makes a mid-epoch start cheap and exact: `set_epoch(e, start_step=k)`
+skips the first k batches by reading and shuffling their raw bytes without decoding them.
+(A caveat in principle: ColorJitter's contrast takes a float mean, which torch may split over
+threads. DataLoader workers run on one thread, so with workers >= 1 it cannot matter; with
+workers = 0 we saw no difference between 1 and 2 threads at 224 px, but keep the count fixed.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from mopro_fast.data.batch import Batch, EvalBatch, finish_images
+from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.stream import (TAG_BUFFER, TAG_VIEWS, Piece, batches_of_worker, buffer_shuffle, eval_window,
+                                    mix_seed, pieces, shard_order, train_window)
+from mopro_fast.data.views import eval_view, two_views
+
+RawSample = tuple[bytes, int, int]  # (JPEG bytes, label, sample index)
+_FIELDS = (".jpg", ".lbl", ".sid")  # the tar members we need; .cls and .json are skipped
+
+# torchvision 0.29 deprecates its image codecs in favour of torchcodec, warning on every call;
+# decode_jpeg (libjpeg-turbo) is still what this reference backend is defined by.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+def read_piece(path: str, lo: int, hi: int) -> Iterator[RawSample]:
+    """Samples [lo, hi) of one shard, read with webdataset's tar iterators (no decoding)."""
+    from webdataset.tariterators import tarfile_samples  # imported here: only workers read tars
+
+    samples = tarfile_samples([{"url": path}], select_files=lambda name: name.endswith(_FIELDS))
+    n = lo
+    try:
+        for sample in itertools.islice(samples, lo, hi):
+            yield (sample["jpg"], int.from_bytes(sample["lbl"], "little", signed=True),
+                   int.from_bytes(sample["sid"], "little", signed=True))
+            n += 1
+    finally:
+        samples.close()
+    if n < hi:
+        raise RuntimeError(f"shard {path} ended after {n} samples; the manifest promised at least {hi}")
+
+
+def read_pieces(paths: list[str], plan: list[Piece]) -> Iterator[RawSample]:
+    for piece in plan:
+        yield from read_piece(paths[piece.shard], piece.lo, piece.hi)
+
+
+def decode(jpeg: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 3 x H x W RGB (libjpeg-turbo via torchvision)."""
+    # bytearray: torch.frombuffer wants a writable buffer (decode_jpeg only reads it).
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def _empty_images(batch: int, res: int, channels_last: bool) -> torch.Tensor:
+    """uint8 B x 3 x res x res, laid out channels-last when asked (the layout survives IPC and pinning)."""
+    if channels_last:
+        return torch.empty(batch, res, res, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    return torch.empty(batch, 3, res, res, dtype=torch.uint8)
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return 0 if info is None else info.id
+
+
+class _TrainEpoch(IterableDataset):
+    """One epoch of one rank; each DataLoader worker runs one slot (see stream.py)."""
+
+    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, resolution: int, steps: int,
+                 shuffle_buffer: int, seed: int, epoch: int, rank: int, world_size: int, workers: int,
+                 start_step: int, channels_last: bool):
+        super().__init__()
+        self.paths, self.sizes = paths, sizes
+        self.batch_size, self.resolution, self.steps = batch_size, resolution, steps
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.start_step, self.channels_last = start_step, channels_last
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        W, B = self.workers, self.batch_size
+        # DataLoader worker i serves slot (i + start_step) % W, so its round robin starts at start_step.
+        slot = (_worker_id() + self.start_step) % W
+        start, end, quota = train_window(sum(self.sizes), B, self.steps, self.rank, self.world_size, W, slot)
+        plan = pieces(self.sizes, start, end, lambda p: shard_order(len(self.sizes), self.seed, self.epoch, p))
+        key = (self.seed, self.epoch, self.rank, self.world_size, W, slot)
+        rng = random.Random(mix_seed(*key, TAG_BUFFER))
+        raw = buffer_shuffle(read_pieces(self.paths, plan), self.shuffle_buffer, rng)
+        raw = itertools.islice(raw, quota)
+        skip = batches_of_worker(self.start_step, W, slot)  # this slot's batches before start_step
+        for _ in itertools.islice(raw, skip * B):
+            pass  # read and shuffled, never decoded
+        generator = torch.Generator()
+        for b in range(skip, quota // B):
+            view_q = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
+            view_k = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
+            labels, indices = torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.int64)  # B, B
+            n = 0
+            for i, (jpeg, label, index) in enumerate(itertools.islice(raw, B)):
+                generator.manual_seed(mix_seed(*key, b * B + i, TAG_VIEWS))
+                view_q[i], view_k[i] = two_views(decode(jpeg), generator, self.resolution)
+                labels[i], indices[i] = label, index
+                n += 1
+            if n < B:  # cannot happen while each window holds its quota (stream.train_window)
+                raise RuntimeError(f"slot {slot} ran out of samples in batch {b}")
+            yield slot + b * W, view_q, view_k, labels, indices
+
+
+class _EvalShare(IterableDataset):
+    """The eval samples of one rank; worker w reads sub-window w, in manifest order."""
+
+    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, resolution: int, resize: int,
+                 rank: int, world_size: int, workers: int, channels_last: bool):
+        super().__init__()
+        self.paths, self.sizes = paths, sizes
+        self.batch_size, self.resolution, self.resize = batch_size, resolution, resize
+        self.rank, self.world_size, self.workers, self.channels_last = rank, world_size, workers, channels_last
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        start, end = eval_window(sum(self.sizes), self.rank, self.world_size, self.workers, _worker_id())
+        raw = read_pieces(self.paths, pieces(self.sizes, start, end, lambda p: range(len(self.sizes))))
+        while chunk := list(itertools.islice(raw, self.batch_size)):
+            images = _empty_images(len(chunk), self.resolution, self.channels_last)  # b x 3 x res x res uint8
+            for i, (jpeg, _, _) in enumerate(chunk):
+                images[i] = eval_view(decode(jpeg), self.resize, self.resolution)
+            yield (images, torch.tensor([c[1] for c in chunk], dtype=torch.int64),
+                   torch.tensor([c[2] for c in chunk], dtype=torch.int64))
+
+
+def _check(batch_size: int, resolution: int, workers: int, rank: int, world_size: int) -> None:
+    if batch_size < 1 or resolution < 1 or workers < 0:
+        raise ValueError(f"need batch_size >= 1, resolution >= 1, workers >= 0; "
+                         f"got {batch_size}, {resolution}, {workers}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+
+
+def _data_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
+    # batch_size=None: workers already yield whole batches (stacked in place, no collate copy).
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=2 if workers else None)
+
+
+class TorchTrainLoader:
+    """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
+
+    Call `set_epoch(epoch)` (or `set_epoch(epoch, start_step=k)` to resume mid-epoch) before
+    iterating; an iteration yields the batches of steps start_step..steps_per_epoch-1 of that
+    epoch. `set_resolution` takes effect at the next iteration (the next epoch). Shard and sample
+    assignment: mopro_fast.data.stream; determinism: this module's docstring.
+    `shuffle_buffer` samples of raw JPEG bytes are held per worker.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
+                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
+                 channels_last: bool = True, steps_per_epoch: int | None = None):
+        _check(batch_size, resolution, workers, rank, world_size)
+        infos = read_manifest(shards).shards(split)
+        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
+        self.num_samples = sum(self._sizes)
+        if self.num_samples == 0:
+            raise ValueError(f"split {split!r} of {shards} has no samples")
+        self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last = channels_last
+        default = max(1, self.num_samples // (batch_size * world_size))
+        self._steps = default if steps_per_epoch is None else int(steps_per_epoch)
+        if self._steps < 1:
+            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self.resolution = resolution
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self._steps:
+            raise ValueError(f"start_step {start_step} is not in [0, {self._steps}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def set_resolution(self, resolution: int) -> None:
+        """The crop size of the views from the next iteration on (progressive resizing)."""
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return self._steps - self.start_step
+
+    def __iter__(self) -> Iterator[Batch]:
+        start = self.start_step
+        dataset = _TrainEpoch(self._paths, self._sizes, self.batch_size, self.resolution, self._steps,
+                              self.shuffle_buffer, self.seed, self.epoch, self.rank, self.world_size,
+                              max(self.workers, 1), start, self.channels_last)
+        expected = start
+        for step, view_q, view_k, label, index in _data_loader(dataset, self.workers, self.device):
+            if step != expected:  # the round-robin order the plan relies on; cheap to check
+                raise RuntimeError(f"loader produced step {step} where step {expected} was due")
+            yield Batch(finish_images(view_q, self.device, self.channels_last),
+                        finish_images(view_k, self.device, self.channels_last),
+                        label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+            expected += 1
+        if expected != self._steps:
+            raise RuntimeError(f"loader stopped after step {expected - 1} of {self._steps}")
+
+
+class TorchEvalLoader:
+    """Eval batches (`EvalBatch`) of one rank: its disjoint share of the split, in a fixed order.
+
+    Over all ranks every sample appears exactly once (no padding, no duplicates); ranks may get
+    different batch counts, so the evaluator must sum counts with an all-reduce. The view is
+    `views.eval_view(resize, resolution)`, normalised like the training views.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
+                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True):
+        _check(batch_size, resolution, workers, rank, world_size)
+        if resize < resolution:
+            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
+        infos = read_manifest(shards).shards(split)
+        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
+        self.num_samples = sum(self._sizes)
+        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        W = max(self.workers, 1)
+        return sum(-(-(e - s) // self.batch_size)
+                   for s, e in (eval_window(self.num_samples, self.rank, self.world_size, W, w) for w in range(W)))
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        if self.num_samples == 0:
+            return
+        dataset = _EvalShare(self._paths, self._sizes, self.batch_size, self.resolution, self.resize, self.rank,
+                             self.world_size, max(self.workers, 1), self.channels_last)
+        for image, label, index in _data_loader(dataset, self.workers, self.device):
+            yield EvalBatch(finish_images(image, self.device, self.channels_last),
+                            label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+
+
+# The names the backend factory (mopro_fast.data.build_*_loader) looks up.
+TrainLoader = TorchTrainLoader
+EvalLoader = TorchEvalLoader
