@@ -12,6 +12,7 @@ from data_tools.cli import convert, make_fixture, verify
 from mopro_fast import __version__
 from mopro_fast.bench import bench
 from mopro_fast.demo import demo
+from mopro_fast.train_cli import eval_command, train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -34,6 +35,8 @@ main.add_command(convert)
 main.add_command(verify)
 main.add_command(bench)
 main.add_command(demo)
+main.add_command(train_command)
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

@@ -214,6 +214,15 @@ def load_config(recipe_path: str | Path, overrides: Sequence[str] = ()) -> Confi
         raise ConfigError(f"{path}: recipe file not found") from None
     except (yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return _build(raw, overrides, path)
+
+
+def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source: str = "checkpoint") -> Config:
+    """A config saved as a dict (e.g. in a checkpoint), with overrides; checked like a recipe."""
+    return _build(OmegaConf.create(data), overrides, source)
+
+
+def _build(raw: Any, overrides: Sequence[str], path: str) -> Config:
     layers = [(raw, f"in {path}")]
     for item in overrides:
         key, eq, _ = item.partition("=")

@@ -23,6 +23,9 @@ def _register() -> None:
 
     bench.add_command(_core.proto_bench)
     bench.add_command(_core.ema_bench)
+    from mopro_fast.bench import step as _step
+
+    bench.add_command(_step.step_bench)
 
 
 _register()

@@ -1,0 +1,189 @@
+"""`mopro-fast train` end to end on the built-in data: learning, outputs, exact resume, DDP, multi-node."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.convert import ConvertSettings, convert
+from data_tools.fixture import FixtureSpec, make_fixture
+from mopro_fast.checkpoint import find_resumable, list_checkpoints
+from mopro_fast.observe import read_log
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "demo_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train-data")
+    make_fixture(root / "fixture", FixtureSpec(classes=8, train_per_class=50, val_per_class=10,
+                                               imagenet_per_class=5, image_size=48, seed=11))
+    convert(root / "fixture", root / "shards",
+            ConvertSettings(shard_size=100, imagenet_val=str(root / "fixture" / "imagenet_val")),
+            workers=1, progress=False)
+    return {"shards": root / "shards", "truth": root / "fixture" / "truth.tsv"}
+
+
+def tiny(data: dict[str, Path], out: Path, epochs: int = 2, **extra: str) -> list[str]:
+    """Overrides that make the demo recipe a few-second run on 400 small images."""
+    settings = {"data.shards": data["shards"], "data.truth": data["truth"], "run.out": out,
+                "model.small_stem": "false", "model.proj_hidden": 64, "mopro.queue_size": 128,
+                "loader.resolution": 32, "loader.eval_resize": 36, "loader.eval_resolution": 32,
+                "loader.batch_size": 32, "loader.workers": 1, "schedule.epochs": epochs,
+                "schedule.warmup_epochs": 0, "mopro.proto_start_epoch": 1, "mopro.start_clean_epoch": 1,
+                "optim.lr": 0.05, "optim.base_batch": 32, "run.log_every": 4, **extra}
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def cli(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mopro_fast.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, **kwargs)
+
+
+def torchrun(*args, timeout: float = 600) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "two"
+    result = cli("train", RECIPE, *tiny(data, out, epochs=3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_config_errors_are_one_line_exit_2(tmp_path: Path) -> None:
+    for override, message in (("optim.lrr=0.1", "optim.lrr: unknown key"), ("run.compile=1", "run.compile"),
+                              ("loader.batch_size=big", "loader.batch_size")):
+        result = cli("train", RECIPE, override)
+        assert result.returncode == 2, (override, result.stderr)
+        assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+    missing = cli("train", tmp_path / "nope.yaml")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    no_shards = cli("train", RECIPE, f"data.shards={tmp_path}", f"run.out={tmp_path / 'r'}")
+    assert no_shards.returncode == 2 and "manifest.json" in no_shards.stderr and "Traceback" not in no_shards.stderr
+
+
+def test_run_learns_and_writes_metrics_tensorboard_plots_checkpoints(two_epoch_run: Path) -> None:
+    records = read_log(two_epoch_run / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert evals[-1]["val/top1"] > evals[0]["val/top1"], [r["val/top1"] for r in evals]
+    assert evals[-1]["val/top1"] > 100 / 8 * 1.5  # well above chance (8 classes)
+    for key in ("loss", "loss_inst", "loss_proto", "acc_inst", "lr", "images_per_s", "data_wait",
+                "frac_relabelled", "frac_ood", "noise_precision", "noise_recall"):
+        assert key in train[-1], key
+    assert all(0 <= r["data_wait"] <= 1 for r in train)
+    assert train[0]["loss_proto"] == 0 and train[-1]["loss_proto"] > 0  # prototype loss from epoch 1
+    assert list((two_epoch_run / "tb").glob("events.out.tfevents.*"))
+    for png in ("loss.png", "accuracy.png", "noise.png"):
+        assert (two_epoch_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list_checkpoints(two_epoch_run)) == 3
+    summary = json.loads((two_epoch_run / "summary.json").read_text())
+    assert summary["eval"]["imagenet-val"]["samples"] == 8 * 5
+    assert (two_epoch_run / "config.yaml").is_file() and (two_epoch_run / "derived.json").is_file()
+
+
+def test_truncated_checkpoint_is_skipped_on_resume(two_epoch_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(two_epoch_run, run)
+    newest, older = list_checkpoints(run)[:2]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, state = find_resumable(run)
+    assert path == older and state["epoch"] == 2
+    assert any(newest.name in str(w.message) for w in caught)
+
+
+def test_killed_run_resumes_to_the_same_weights(data, tmp_path: Path) -> None:
+    args = tiny(data, tmp_path / "ref", epochs=3, **{"run.deterministic": "true"})
+    reference = cli("train", RECIPE, *args)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    args = tiny(data, out, epochs=3, **{"run.deterministic": "true"})
+    proc = subprocess.Popen([sys.executable, "-m", "mopro_fast.cli", "train", str(RECIPE), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("ckpt-e0001-*.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(out.glob("ckpt-e0003-*.pt"))
+
+    resumed = cli("train", RECIPE, *args, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a = weights(list_checkpoints(tmp_path / "ref")[0])
+    b = weights(list_checkpoints(out)[0])
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert worst <= 1e-6, worst
+
+
+def test_torchrun_two_ranks_equal_batches_and_eval(data, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    proc = torchrun("--nproc_per_node=2", "--master_port", free_port(), "-m", "mopro_fast.cli", "train",
+                    RECIPE, *tiny(data, out, epochs=2))
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    ranks = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["batches_per_epoch"] == ranks[1]["batches_per_epoch"] == [ranks[0]["steps_per_epoch"]] * 2
+    assert ranks[0]["steps_per_epoch"] == 400 // 64
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["eval"]["val"]["samples"] == 80
+
+
+def test_two_nodes_c10d_rendezvous_train_together(data, tmp_path: Path) -> None:
+    out = tmp_path / "nodes"
+    port = free_port()
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+              "--rdzv-id=mopro-test", "-m", "mopro_fast.cli", "train", RECIPE, *tiny(data, out, epochs=1)]
+    nodes = [torchrun(*common), torchrun(*common)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (out / "ranks").iterdir()) == ["rank-0.json", "rank-1.json"]
+
+
+def test_eval_of_a_fixed_model_is_the_same_on_one_and_two_ranks(two_epoch_run: Path) -> None:
+    ckpt = list_checkpoints(two_epoch_run)[0]
+    one = cli("eval", ckpt)
+    assert one.returncode == 0, one.stderr[-3000:]
+    proc = torchrun("--nproc_per_node=2", "--master_port", free_port(), "-m", "mopro_fast.cli", "eval", ckpt)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    single = json.loads(one.stdout)["eval"]
+    double = json.loads(log[log.index("{"):log.rindex("}") + 1])
+    assert double["world_size"] == 2
+    for split in ("val", "imagenet-val"):
+        assert double["eval"][split]["samples"] == single[split]["samples"]
+        assert double["eval"][split]["top1"] == pytest.approx(single[split]["top1"])
+        assert double["eval"][split]["top5"] == pytest.approx(single[split]["top5"])
