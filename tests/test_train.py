@@ -187,3 +187,12 @@ def test_eval_of_a_fixed_model_is_the_same_on_one_and_two_ranks(two_epoch_run: P
         assert double["eval"][split]["samples"] == single[split]["samples"]
         assert double["eval"][split]["top1"] == pytest.approx(single[split]["top1"])
         assert double["eval"][split]["top5"] == pytest.approx(single[split]["top5"])
+
+
+def test_nan_loss_stops_with_one_line_and_saves_nothing_new(data, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    result = cli("train", RECIPE, *tiny(data, out, epochs=1, **{"optim.lr": 1e12, "optim.weight_decay": 0}))
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "loss is nan" in result.stderr.lower() or "loss is inf" in result.stderr.lower()
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert list_checkpoints(out) == []
