@@ -255,10 +255,21 @@ def test_factory_and_manifest_errors_are_one_line(small_shards: Path, tmp_path: 
     with pytest.raises(BackendUnavailable, match="unknown loader backend 'nope'") as exc:
         build_train_loader("nope")
     assert "\n" not in str(exc.value)
-    with pytest.raises(BackendUnavailable, match="nvidia-dali") as exc:
-        build_eval_loader("dali")  # not in this version (or DALI missing): says what to install
-    assert "\n" not in str(exc.value)
     with pytest.raises(ManifestError, match="no manifest.json"):
         train_loader(tmp_path)
     with pytest.raises(ManifestError, match=r"split 'nope' is not in .*\(it has: imagenet-val, train, val\)"):
         train_loader(small_shards, split="nope")
+
+
+def test_backend_missing_library_or_module_says_what_to_do(tmp_path: Path, monkeypatch) -> None:
+    from mopro_fast import data
+
+    (tmp_path / "fake_backend.py").write_text("import not_a_real_library_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(data.BACKENDS, "fake", ("fake_backend", "pip install not-a-real-library-xyz"))
+    monkeypatch.setitem(data.BACKENDS, "future", ("mopro_fast.data.future_loader", "pip install future"))
+    with pytest.raises(BackendUnavailable, match="install: pip install not-a-real-library-xyz") as exc:
+        build_eval_loader("fake")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(BackendUnavailable, match="not part of this mopro-fast version yet"):
+        build_train_loader("future")

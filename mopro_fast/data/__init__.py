@@ -35,6 +35,11 @@ def _backend(name: str) -> Any:
     module, hint = BACKENDS[name]
     try:
         return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:  # our own module is missing, not the library it needs
+            raise BackendUnavailable(f"loader backend {name!r} is not part of this mopro-fast version yet; "
+                                     f"use loader.backend=torch") from None
+        raise BackendUnavailable(f"loader backend {name!r} is not available ({exc}); install: {hint}") from None
     except ImportError as exc:
         raise BackendUnavailable(f"loader backend {name!r} is not available ({exc}); install: {hint}") from None
 
