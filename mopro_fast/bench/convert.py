@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import statistics
 import tarfile
 import tempfile
 from pathlib import Path
@@ -77,10 +78,13 @@ def run_convert_bench(classes: int, per_class: int, image_size: int, workers: in
             out.unlink()
             return n
 
-        images = fast(1)()
-        t_naive, all_naive = median_seconds(naive, repeats, warmup=0)
-        t_one, all_one = median_seconds(fast(1), repeats, warmup=0)
-        t_all, all_all = median_seconds(fast(workers), repeats, warmup=0)
+        images = fast(1)()  # warm-up: page cache, imports
+        # Interleaved rounds: every path sees the same machine load (a shared CPU varies a lot).
+        all_naive, all_one, all_all = [], [], []
+        for _ in range(repeats):
+            for fn, times in ((naive, all_naive), (fast(1), all_one), (fast(workers), all_all)):
+                times.append(median_seconds(fn, 1, warmup=0)[0])
+        t_naive, t_one, t_all = (statistics.median(t) for t in (all_naive, all_one, all_all))
     return {
         "bench": "convert",
         "images": images,
