@@ -52,6 +52,27 @@ def ce_step(net: nn.Module, view_q: Tensor, labels: Tensor) -> tuple[Tensor, dic
     return loss, {"loss": loss.detach(), "loss_cls": loss.detach(), "acc_cls": acc}
 
 
+def train_step(mopro_enabled: bool, step_fn, mopro: MoPro, query: nn.Module, optimizer, scaler, autocast,
+               batch, use_proto: bool, clean: bool, truth: Tensor | None) -> dict[str, Tensor]:
+    """One step: forward under autocast, losses, backward, optimiser, momentum updates.
+
+    Returns the step's metrics as device tensors (no host sync here).
+    """
+    with autocast:
+        if mopro_enabled:
+            loss, metrics = step_fn(mopro, batch.view_q, batch.view_k, batch.label, use_proto_loss=use_proto,
+                                    clean=clean, query_net=query, truth=truth)
+        else:
+            loss, metrics = ce_step(query, batch.view_q, batch.label)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if mopro_enabled:
+        mopro.momentum_update()  # key-network EMA reads the new query weights
+    return metrics
+
+
 def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
     """Train as the recipe says; returns the final summary (also in RUN/summary.json)."""
     # ------------------------------------------------------------------ Setup
@@ -129,22 +150,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
                 received += 1
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(derived, pos.global_step)
-
-                # ---- the train step: forward under autocast, losses, backward, optimiser, momentum updates
-                with autocast:
-                    if cfg.mopro.enabled:
-                        loss, metrics = step_fn(mopro, batch.view_q, batch.view_k, batch.label,
-                                                use_proto_loss=use_proto, clean=clean, query_net=query,
-                                                truth=None if truth is None else truth[batch.index])
-                    else:
-                        loss, metrics = ce_step(query, batch.view_q, batch.label)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.mopro.enabled:
-                    mopro.momentum_update()
-
+                metrics = train_step(cfg.mopro.enabled, step_fn, mopro, query, optimizer, scaler, autocast, batch,
+                                     use_proto, clean, None if truth is None else truth[batch.index])
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0) + value.float()
                 window_steps += 1
@@ -152,7 +159,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
                 pos.step_in_epoch = step_in_epoch + 1
                 seen_images += derived.global_batch
                 last = pos.step_in_epoch == derived.steps_per_epoch
-                if window_steps == cfg.run.log_every or last:
+                save_now = bool(cfg.run.ckpt_every_steps) and pos.global_step % cfg.run.ckpt_every_steps == 0
+                if window_steps == cfg.run.log_every or last or save_now:  # (a save needs a finite-loss check)
                     values = _reduce({k: v / window_steps for k, v in sums.items()})  # one sync per window
                     elapsed = time.perf_counter() - window_start
                     values.update(lr=optimizer.param_groups[0]["lr"],
@@ -167,7 +175,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
                     sums, window_start, window_wait, window_steps = {}, time.perf_counter(), 0.0, 0
                 if bar is not None:
                     bar.update(1)
-                if cfg.run.ckpt_every_steps and pos.global_step % cfg.run.ckpt_every_steps == 0 and not last:
+                if save_now and not last:  # the epoch's end saves anyway, after evaluation
                     _save(run_dir, cfg, pos, mopro, optimizer, scaler)
             if bar is not None:
                 bar.close()

@@ -52,6 +52,10 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
         fail(str(exc), code=3)
     except KeyboardInterrupt:
         fail(f"interrupted; continue with --resume auto (run folder {cfg.run.out})", code=130)
+    finally:
+        from mopro_fast import dist
+
+        dist.destroy()
     if summary.get("eval") is not None and "plots" in summary:
         click.echo(json.dumps({k: summary[k] for k in ("eval", "images_per_s", "data_wait", "seconds", "run_dir")
                                if k in summary}, indent=1))
