@@ -50,7 +50,8 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
         click.echo(f"[1/{steps}] writing the built-in data set to {fixture} ...")
         if fixture.exists():
             shutil.rmtree(fixture)  # a half-written fixture from an interrupted demo
-        make_fixture(fixture, FixtureSpec(seed=seed, noise=DEMO_NOISE, ood=DEMO_OOD, corrupt=True), progress=progress)
+        make_fixture(fixture, FixtureSpec(seed=seed, noise=DEMO_NOISE, ood=DEMO_OOD, val_per_class=50,
+                                          imagenet_per_class=50, corrupt=True), progress=progress)
     else:
         click.echo(f"[1/{steps}] built-in data set already at {fixture}")
     click.echo(f"[2/{steps}] converting to shards in {shards} and verifying them ...")

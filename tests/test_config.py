@@ -68,9 +68,8 @@ def test_paper_recipe_is_the_default_setup():
 
 def test_demo_recipe():
     cfg = load_config(DEMO, [])
-    assert (cfg.model.arch, cfg.model.small_stem, cfg.loader.backend, cfg.run.precision) == \
-        ("resnet18", True, "torch", "fp32")
-    assert (cfg.loader.resolution, cfg.loader.eval_resolution, cfg.loader.eval_resize) == (32, 32, 36)
+    assert (cfg.model.arch, cfg.loader.backend, cfg.run.precision) == ("resnet18", "torch", "fp32")
+    assert cfg.loader.resolution == cfg.loader.eval_resolution < cfg.loader.eval_resize <= 96  # small CPU images
     assert (cfg.data.shards, cfg.data.truth, cfg.run.out) == ("demo/shards", "demo/fixture/truth.tsv", "runs/demo")
     assert cfg.schedule.kind == "cosine" and cfg.schedule.warmup_epochs > 0
     assert 0 < cfg.mopro.start_clean_epoch < cfg.schedule.epochs
@@ -164,10 +163,11 @@ def test_wrong_type_in_file(tmp_path):
     (["schedule.kind=step", "schedule.milestones=[5, 20]"], "schedule.milestones: [5, 20] must be increasing"),
     (["schedule.kind=step", "schedule.milestones=[8, 4]"], "schedule.milestones: [8, 4] must be increasing"),
     (["schedule.milestones=[0]"], "schedule.milestones[0]: must be >= 1"),
-    (["schedule.warmup_epochs=12"], "schedule.warmup_epochs: must be < schedule.epochs"),
-    (["mopro.start_clean_epoch=13"], "mopro.start_clean_epoch: 13 is beyond schedule.epochs (12)"),
+    (["schedule.epochs=12", "schedule.warmup_epochs=12"], "schedule.warmup_epochs: must be < schedule.epochs"),
+    (["schedule.epochs=12", "mopro.start_clean_epoch=13"], "mopro.start_clean_epoch: 13 is beyond schedule.epochs (12)"),
     (["mopro.proto_start_epoch=20"], "mopro.proto_start_epoch: 20 is beyond schedule.epochs"),
-    (["loader.eval_resolution=40"], "loader.eval_resolution: 40 is larger than loader.eval_resize (36)"),
+    (["loader.eval_resize=36", "loader.eval_resolution=40"],
+     "loader.eval_resolution: 40 is larger than loader.eval_resize (36)"),
     (["loader.hw_decoder_load=2"], "loader.hw_decoder_load: must be in [0, 1]"),
     (["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov: needs optim.momentum > 0"),
     (["data.eval_splits=[val, val]"], "data.eval_splits: lists a split twice"),
@@ -221,7 +221,7 @@ def test_derive_paper_setup_on_one_and_two_nodes():
 def test_derive_scaling_cap_and_limits():
     d = derive(load_config(RN50_1, ["loader.batch_size=128"]), world_size=1, num_train=1000)
     assert (d.global_batch, d.lr, d.steps_per_epoch) == (128, 0.05, 7)
-    d = derive(load_config(DEMO, ["run.max_steps_per_epoch=5"]), world_size=2, num_train=1200)
+    d = derive(load_config(DEMO, ["run.max_steps_per_epoch=5", "schedule.epochs=12"]), world_size=2, num_train=1200)
     assert (d.global_batch, d.steps_per_epoch, d.total_steps, d.warmup_steps, d.capped) == (128, 5, 60, 5, True)
     assert derive(load_config(DEMO, []), world_size=1, num_train=64).steps_per_epoch == 1
     too_big = r"^loader.batch_size: global batch 128 \(64 x 2 ranks\) is more than the 100 training samples$"
