@@ -71,7 +71,7 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_epoch_run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "two"
-    result = cli("train", RECIPE, *tiny(data, out, epochs=3))
+    result = cli("train", RECIPE, *tiny(data, out, epochs=2))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -92,7 +92,7 @@ def test_run_learns_and_writes_metrics_tensorboard_plots_checkpoints(two_epoch_r
     records = read_log(two_epoch_run / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert [r["epoch"] for r in evals] == [0, 1]
     assert evals[-1]["val/top1"] > evals[0]["val/top1"], [r["val/top1"] for r in evals]
     assert evals[-1]["val/top1"] > 100 / 8 * 1.5  # well above chance (8 classes)
     for key in ("loss", "loss_inst", "loss_proto", "acc_inst", "lr", "images_per_s", "data_wait",
@@ -103,7 +103,7 @@ def test_run_learns_and_writes_metrics_tensorboard_plots_checkpoints(two_epoch_r
     assert list((two_epoch_run / "tb").glob("events.out.tfevents.*"))
     for png in ("loss.png", "accuracy.png", "noise.png"):
         assert (two_epoch_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list_checkpoints(two_epoch_run)) == 3
+    assert len(list_checkpoints(two_epoch_run)) == 2
     summary = json.loads((two_epoch_run / "summary.json").read_text())
     assert summary["eval"]["imagenet-val"]["samples"] == 8 * 5
     assert (two_epoch_run / "config.yaml").is_file() and (two_epoch_run / "derived.json").is_file()
@@ -117,7 +117,7 @@ def test_truncated_checkpoint_is_skipped_on_resume(two_epoch_run: Path, tmp_path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path, state = find_resumable(run)
-    assert path == older and state["epoch"] == 2
+    assert path == older and state["epoch"] == 1
     assert any(newest.name in str(w.message) for w in caught)
 
 
