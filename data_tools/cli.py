@@ -56,7 +56,11 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
     spec = FixtureSpec(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                        imagenet_per_class=imagenet_per_class, image_size=image_size, noise=noise, ood=ood,
                        flickr=flickr, seed=seed, corrupt=corrupt)
-    summary = build(out, spec, progress=sys.stderr.isatty())
+    try:
+        spec.validate()
+        summary = build(out, spec, progress=sys.stderr.isatty())
+    except (ValueError, FileExistsError) as exc:
+        fail(str(exc))
     click.echo(json.dumps(summary.to_dict(), indent=1, default=str))
 
 

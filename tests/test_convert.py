@@ -230,3 +230,13 @@ def test_every_command_help_explains_its_options() -> None:
     for option in ("--subset", "--classes", "--sources", "--val-dir", "--imagenet-val", "--max-side", "--quality",
                    "--shard-size", "--workers", "--max-pixels", "--seed"):
         assert option in convert_help
+
+
+def test_make_fixture_bad_options_are_one_line(tmp_path: Path) -> None:
+    for args, message in ((["--seed", "-1"], "seed"), (["--noise", "0.8", "--ood", "0.5"], "exceeds 1")):
+        result = run_cli("make-fixture", tmp_path / "fx", *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    result = run_cli("make-fixture", tmp_path / "full")
+    assert result.returncode == 2 and "not empty" in result.stderr
