@@ -26,6 +26,9 @@ def _register() -> None:
     from mopro_fast.bench import step as _step
 
     bench.add_command(_step.step_bench)
+    from mopro_fast.bench import loader as _loader
+
+    bench.add_command(_loader.loader_bench)
 
 
 _register()

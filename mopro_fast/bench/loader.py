@@ -1,0 +1,136 @@
+"""`mopro-fast bench loader`: two-view training images/s of the loader backends, same shards, same run.
+
+Every backend gets the same shards, split, resolution, batch size and worker count (DataLoader
+processes for torch, DALI threads for dali) on the CPU. Per backend: build the training loader,
+let `warmup` batches pass untimed (worker start-up, page cache, pipeline prefetch), then time
+`windows` windows of `window_batches` batches each; images/s is the median over windows. One
+"image" is one sample with both of its views made (a weak and a strong crop of one decode).
+Without `--shards`, realistic shards are made on the spot: the built-in data set rendered at
+`--image-size` px (shorter side), converted with the default `max_side` 256, as `mopro-fast convert`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from mopro_fast.bench.common import emit, environment
+
+BACKENDS = ("torch", "dali")
+
+
+def available_backends() -> list[str]:
+    """The backends of BACKENDS that import here (DALI is optional)."""
+    from mopro_fast.data import BackendUnavailable, _backend
+
+    out = []
+    for name in BACKENDS:
+        try:
+            _backend(name)
+        except BackendUnavailable:
+            continue
+        out.append(name)
+    return out
+
+
+def make_shards(out: Path, classes: int, per_class: int, image_size: int, shard_size: int) -> Path:
+    """Built-in data set at `image_size` px converted to shards under `out`; returns the shards folder."""
+    from data_tools.convert import ConvertSettings, convert
+    from data_tools.fixture import FixtureSpec, make_fixture
+
+    make_fixture(out / "src", FixtureSpec(classes=classes, train_per_class=per_class, val_per_class=0,
+                                          imagenet_per_class=0, image_size=image_size, seed=0))
+    convert(out / "src", out / "shards", ConvertSettings(shard_size=shard_size), progress=False)
+    return out / "shards"
+
+
+def measure(backend: str, shards: Path, split: str, resolution: int, batch_size: int, workers: int,
+            warmup: int, windows: int, window_batches: int) -> dict:
+    """Median two-view images/s of one backend's training loader over timed windows of batches."""
+    from mopro_fast.data import build_train_loader
+
+    steps = warmup + windows * window_batches
+    loader = build_train_loader(backend, shards=shards, split=split, batch_size=batch_size, resolution=resolution,
+                                workers=workers, shuffle_buffer=1000, seed=0, rank=0, world_size=1, device="cpu",
+                                steps_per_epoch=steps)
+    loader.set_epoch(0)
+    it = iter(loader)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        next(it)
+    warm_s = time.perf_counter() - start
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(window_batches):
+            next(it)
+        times.append(time.perf_counter() - start)
+    for _ in it:  # let the loader finish its epoch (torch checks its step count at the end)
+        pass
+    rates = [batch_size * window_batches / t for t in times]
+    return {"img_s": round(statistics.median(rates), 1), "window_img_s": [round(r, 1) for r in rates],
+            "warmup_s": round(warm_s, 2)}
+
+
+def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int, batch_size: int,
+                     workers: int, warmup: int, windows: int, window_batches: int, classes: int, per_class: int,
+                     image_size: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mopro-bench-loader-") as tmp:
+        made = shards is None
+        if made:
+            shard_size = max(50, classes * per_class // 8)
+            shards = make_shards(Path(tmp), classes, per_class, image_size, shard_size)
+        from mopro_fast.data.manifest import read_manifest
+
+        samples = read_manifest(shards).num_written(split)
+        per_backend = {b: measure(b, shards, split, resolution, batch_size, workers, warmup, windows, window_batches)
+                       for b in backends}
+    result = {"bench": "loader", "img_s": {b: r["img_s"] for b, r in per_backend.items()}}
+    if "torch" in per_backend and "dali" in per_backend:
+        result["ratio_dali_torch"] = round(per_backend["dali"]["img_s"] / per_backend["torch"]["img_s"], 2)
+    result["details"] = per_backend
+    result["settings"] = {"backends": backends, "resolution": resolution, "batch_size": batch_size,
+                          "workers": workers, "warmup_batches": warmup, "windows": windows,
+                          "window_batches": window_batches, "split": split, "samples": samples,
+                          "shards": "built-in" if made else str(shards), "device": "cpu"}
+    if made:
+        result["settings"].update({"classes": classes, "per_class": per_class, "image_size": image_size,
+                                   "max_side": 256})
+    result["env"] = environment("cpu")
+    return result
+
+
+@click.command("loader")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
+              help="Backend to measure (repeatable) [default: all of torch, dali that are installed].")
+@click.option("--res", "resolution", default=224, show_default=True, help="Crop size of both views.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="DataLoader workers (torch) = DALI threads (dali) [default: all cores].")
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Existing shards folder (with manifest.json) instead of generated ones.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--warmup", default=4, show_default=True, type=click.IntRange(0), help="Untimed batches first.")
+@click.option("--windows", default=5, show_default=True, type=click.IntRange(1), help="Timed windows (median).")
+@click.option("--window-batches", default=4, show_default=True, type=click.IntRange(1), help="Batches per window.")
+@click.option("--classes", default=10, show_default=True, help="Classes of the generated data set.")
+@click.option("--per-class", default=80, show_default=True, help="Training images per class (generated).")
+@click.option("--image-size", default=448, show_default=True, help="Shorter side of the generated images.")
+@click.option("--quick", is_flag=True, help="CI-sized: 4 x 20 images at 160 px, res 64, batch 16, 2 windows of 2.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, workers: int | None,
+                 shards: Path | None, split: str, warmup: int, windows: int, window_batches: int, classes: int,
+                 per_class: int, image_size: int, quick: bool, as_json: bool) -> None:
+    """Two-view training images/s of the torch and dali loaders on the same shards (CPU)."""
+    chosen = list(backends) or available_backends()
+    if quick:
+        resolution, batch_size, warmup, windows, window_batches = 64, 16, 1, 2, 2
+        classes, per_class, image_size = 4, 20, 160
+    result = run_loader_bench(chosen, shards, split, resolution, batch_size, workers or os.cpu_count() or 1,
+                              warmup, windows, window_batches, classes, per_class, image_size)
+    emit(result, as_json)

@@ -1,0 +1,311 @@
+"""Loader backend `dali`: NVIDIA DALI reads the shards, decodes once and makes both views.
+
+One pipeline per loader (DESIGN.md section 3), built with `pipeline_def` and `fn.*`:
+`fn.readers.webdataset` over our `.tar` shards and their `wds2idx` `.idx` files (fields `jpg`,
+`lbl`, `sid`; label and sample index read as int32 inside the pipeline), sharded by rank
+(`shard_id=rank`, `num_shards=world_size`), then `fn.decoders.image` ("mixed" = nvJPEG on a GPU,
+"cpu" without one), then two views of DESIGN.md section 1 from the one decoded image:
+- weak: random resized crop (area fraction U(0.2, 1), log aspect U(log 3/4, log 4/3)), flip p = 0.5;
+- strong: an independent crop of the same family, grayscale p = 0.2, brightness / contrast /
+  saturation factors U(0.6, 1.4) and hue shift U(-0.4, 0.4) of the hue circle (DALI's hue is in
+  degrees: x 360), flip p = 0.5;
+normalised with the ImageNet mean/std by `fn.crop_mirror_normalize`, fp32 on the CPU, fp16 on a GPU.
+Outputs are laid out HWC, so `permute` gives channels-last NCHW tensors with no extra copy.
+
+The crop window is sampled explicitly (`fn.random.uniform` + arithmetic) and applied by
+`fn.resize` with a relative ROI, so a debug pipeline can return it. Unlike torchvision (10 tries,
+then a centre crop), a side that would exceed the image is clamped to the full side, which
+shrinks the area; for images with an aspect ratio within [3/4, 4/3] the clamp only trims.
+The colour jitter is one `fn.color_twist` (DALI's fixed order and its own contrast centre), not
+ColorJitter's random order of four ops: same parameter ranges, not the same pixels.
+
+Epochs and ranks. Each rank reads its own contiguous share of the split (the reader's sharding,
+`stick_to_shard=True`, so ranks stay disjoint in every epoch), through a shuffle buffer of
+`shuffle_buffer` samples (`initial_fill`). An epoch is exactly `steps_per_epoch` batches on every
+rank (default N // (batch_size * world_size), which fits in each rank's share); the reader is not
+restarted between epochs, so the few samples left over at the end of an epoch start the next one.
+
+Determinism (DALI's limits, honestly): the stream of samples and views is a function of the seed
+and of how many batches were drawn since the pipeline was built; `set_epoch` does not reseed it,
+and `set_epoch(e, start_step=k)` only shortens the epoch to steps - k batches (a resumed run sees
+different samples and views than an uninterrupted one). `set_resolution` rebuilds the pipeline
+(the reader starts again at its share's beginning, with seed mixed with the resolution).
+
+Evaluation: no shuffle; each iteration builds a fresh pipeline (so prefetching of one pass cannot
+move the next one), reads ceil(n_r / B) batches and trims the last one to the rank's share n_r,
+whose bounds are the reader's: [N r / R, N (r + 1) / R). Every sample once over all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+
+from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
+from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.stream import mix_seed
+from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER
+
+_MEAN = [255 * m for m in IMAGENET_MEAN]
+_STD = [255 * s for s in IMAGENET_STD]
+_READER = "reader"
+_SEED_MASK = (1 << 31) - 1  # DALI seeds are int32
+
+
+# ----------------------------------------------------------------------------------- pipelines
+
+def _read(paths: list[str], rank: int, world_size: int, shuffle: bool, initial_fill: int):
+    jpeg, label, index = fn.readers.webdataset(
+        paths=paths, index_paths=[p[:-4] + ".idx" for p in paths], ext=["jpg", "lbl", "sid"],
+        dtypes=[types.UINT8, types.INT32, types.INT32], missing_component_behavior="error",
+        shard_id=rank, num_shards=world_size, random_shuffle=shuffle, initial_fill=max(initial_fill, 1),
+        stick_to_shard=True, pad_last_batch=False, name=_READER)
+    return jpeg, label, index
+
+
+def _normalize(images, gpu: bool, channels_last: bool, mirror=None, crop: int | None = None, crop_pos=None):
+    kw = {} if crop is None else dict(crop=(crop, crop), crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1])
+    # float32 on every device: the Batch contract (fp16 would halve the copy on a GPU, but then an
+    # fp32 recipe would feed half inputs to fp32 weights; autocast casts inside the model instead).
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, mean=_MEAN, std=_STD,
+                                    output_layout="HWC" if channels_last else "CHW", mirror=mirror, **kw)
+
+
+def _random_crop(image, resolution: int):
+    """A random resized crop of `image` (HWC) to resolution^2; returns (view, (y0, x0, h, w) relative)."""
+    shape = fn.cast(image.shape(), dtype=types.FLOAT)
+    aspect = shape[1] / shape[0]  # W / H of the source
+    area = fn.random.uniform(range=CROP_SCALE)
+    ratio = dmath.exp(fn.random.uniform(range=(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))))
+    w = dmath.min(dmath.sqrt(area * ratio / aspect), 1.0)  # fraction of the width
+    h = dmath.min(dmath.sqrt(area / ratio * aspect), 1.0)  # fraction of the height
+    y0 = fn.random.uniform(range=(0.0, 1.0)) * (1.0 - h)
+    x0 = fn.random.uniform(range=(0.0, 1.0)) * (1.0 - w)
+    start, end = fn.stack(y0, x0), fn.stack(y0 + h, x0 + w)
+    view = fn.resize(image, size=(resolution, resolution), roi_start=start, roi_end=end, roi_relative=True,
+                     antialias=True, interp_type=types.INTERP_LINEAR)
+    return view, fn.stack(y0, x0, h, w)
+
+
+def _decode(jpeg, gpu: bool, hw_decoder_load: float):
+    if gpu:
+        return fn.decoders.image(jpeg, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+    return fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
+
+
+def _train_graph(paths, rank, world_size, initial_fill, resolution, gpu, channels_last, hw_decoder_load, debug):
+    jpeg, label, index = _read(paths, rank, world_size, True, initial_fill)
+    image = _decode(jpeg, gpu, hw_decoder_load)  # one decode, two views
+    weak, crop_q = _random_crop(image, resolution)
+    strong, crop_k = _random_crop(image, resolution)
+    gray = fn.cast(fn.random.coin_flip(probability=GRAY_P), dtype=types.FLOAT)
+    saturation = fn.random.uniform(range=(1 - JITTER, 1 + JITTER)) * (1.0 - gray)  # 0 = grayscale
+    strong = fn.color_twist(strong, brightness=fn.random.uniform(range=(1 - JITTER, 1 + JITTER)),
+                            contrast=fn.random.uniform(range=(1 - JITTER, 1 + JITTER)), saturation=saturation,
+                            hue=fn.random.uniform(range=(-HUE * 360, HUE * 360)))
+    flip_q = fn.random.coin_flip(probability=FLIP_P)
+    flip_k = fn.random.coin_flip(probability=FLIP_P)
+    view_q = _normalize(weak, gpu, channels_last, mirror=flip_q)
+    view_k = _normalize(strong, gpu, channels_last, mirror=flip_k)
+    if gpu:
+        label, index = label.gpu(), index.gpu()
+    outputs = (view_q, view_k, label, index)
+    if debug:  # the sampled parameters, for tests
+        outputs += (crop_q, crop_k, flip_q, flip_k, gray)
+    return outputs
+
+
+def _eval_graph(paths, rank, world_size, resize, resolution, gpu, channels_last, hw_decoder_load):
+    jpeg, label, index = _read(paths, rank, world_size, False, 1)
+    image = _decode(jpeg, gpu, hw_decoder_load)
+    # Output size as views.eval_size: short side -> resize, long side floored (DALI's resize_shorter
+    # rounds it, which shifts the scale and the crop by up to half a pixel).
+    shape = fn.cast(image.shape(), dtype=types.FLOAT)
+    short = dmath.min(shape[0], shape[1])
+    size = dmath.floor(fn.stack(shape[0], shape[1]) * (resize / short) + 1e-3)  # 1e-3: float32 of exact ratios
+    image = fn.resize(image, size=size, antialias=True, interp_type=types.INTERP_LINEAR)
+    # Centre crop with top = round((h' - crop) / 2), Python's round (halves to even), as views.eval_view;
+    # DALI's crop_pos 0.5 rounds halves up. A margin d gives start round_half_even(d / 2); asking for
+    # (start + 0.25) / d lands on it whether DALI rounds or floors.
+    pos = []
+    for margin in (size[0] - resolution, size[1] - resolution):
+        half = dmath.floor(margin / 2)
+        odd_up = (margin - 2 * half) * (half - 2 * dmath.floor(half / 2))  # 1 when d odd and floor(d/2) odd
+        pos.append((half + odd_up + 0.25) / dmath.max(margin, 1.0))
+    image = _normalize(image, gpu, channels_last, crop=resolution, crop_pos=pos)
+    if gpu:
+        label, index = label.gpu(), index.gpu()
+    return image, label, index
+
+
+# ----------------------------------------------------------------------------------- DALI -> torch
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A DALI TensorList (uniform shape) -> a torch tensor on `device` (copied: DALI reuses its buffers)."""
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        tensor = tensor_list.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+
+
+def _images(tensor_list, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = _to_torch(tensor_list, device)
+    if channels_last:  # B x H x W x 3 -> B x 3 x H x W with channels-last strides, no copy
+        return images.permute(0, 3, 1, 2)
+    return images
+
+
+def _ints(tensor_list, device: torch.device) -> torch.Tensor:
+    return _to_torch(tensor_list, device).reshape(-1).to(torch.int64)
+
+
+def _device_id(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return None
+
+
+def _check(batch_size: int, resolution: int, workers: int, rank: int, world_size: int) -> None:
+    if batch_size < 1 or resolution < 1 or workers < 0:
+        raise ValueError(f"need batch_size >= 1, resolution >= 1, workers >= 0; "
+                         f"got {batch_size}, {resolution}, {workers}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+
+
+# ----------------------------------------------------------------------------------- loaders
+
+class DaliTrainLoader:
+    """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
+
+    Same arguments as `TorchTrainLoader`, plus `hw_decoder_load` (share of JPEGs for the A100/H100
+    hardware decoder, GPU only) and `debug` (iteration yields `(Batch, params)` with the sampled
+    crop windows `(y0, x0, h, w)` as fractions of the source, flips and grayscale coins, B x ...
+    numpy arrays). `workers` is DALI's thread count (at least 1). Determinism: module docstring.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
+                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
+                 channels_last: bool = True, steps_per_epoch: int | None = None, hw_decoder_load: float = 0.65,
+                 debug: bool = False):
+        _check(batch_size, resolution, workers, rank, world_size)
+        infos = read_manifest(shards).shards(split)
+        self._paths = [str(s.path) for s in infos]
+        self.num_samples = sum(s.samples for s in infos)
+        if self.num_samples == 0:
+            raise ValueError(f"split {split!r} of {shards} has no samples")
+        self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last, self.hw_decoder_load, self.debug = channels_last, hw_decoder_load, debug
+        default = max(1, self.num_samples // (batch_size * world_size))
+        self._steps = default if steps_per_epoch is None else int(steps_per_epoch)
+        if self._steps < 1:
+            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self.resolution = resolution
+        self.epoch, self.start_step = 0, 0
+        self._pipe = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self._steps:
+            raise ValueError(f"start_step {start_step} is not in [0, {self._steps}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def set_resolution(self, resolution: int) -> None:
+        """The crop size of the views from the next iteration on (rebuilds the pipeline)."""
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if resolution != self.resolution:
+            self.resolution, self._pipe = resolution, None
+
+    def __len__(self) -> int:
+        return self._steps - self.start_step
+
+    def _build(self):
+        gpu = self.device.type == "cuda"
+        pipe = pipeline_def(_train_graph, batch_size=self.batch_size, num_threads=max(self.workers, 1),
+                            device_id=_device_id(self.device), prefetch_queue_depth=2,
+                            seed=mix_seed(self.seed, self.rank, self.resolution) & _SEED_MASK)(
+            self._paths, self.rank, self.world_size, self.shuffle_buffer, self.resolution, gpu,
+            self.channels_last, self.hw_decoder_load, self.debug)
+        pipe.build()
+        return pipe
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._pipe is None:
+            self._pipe = self._build()
+        for _ in range(self.start_step, self._steps):
+            out = self._pipe.run()  # the reader wraps at its epoch end: it never runs dry
+            batch = Batch(_images(out[0], self.device, self.channels_last),
+                          _images(out[1], self.device, self.channels_last),
+                          _ints(out[2], self.device), _ints(out[3], self.device))
+            if self.debug:
+                crop_q, crop_k, flip_q, flip_k, gray = (np.array(o.as_tensor()) for o in out[4:])
+                yield batch, {"crop_q": crop_q, "crop_k": crop_k, "flip_q": flip_q.reshape(-1).astype(bool),
+                              "flip_k": flip_k.reshape(-1).astype(bool), "gray": gray.reshape(-1) > 0.5}
+            else:
+                yield batch
+
+
+class DaliEvalLoader:
+    """Eval batches (`EvalBatch`) of one rank: its disjoint share of the split, in shard order.
+
+    Same arguments as `TorchEvalLoader` (plus `hw_decoder_load`). Over all ranks every sample
+    appears exactly once; ranks may get different batch counts. View: resize the shorter side to
+    `resize` (antialiased bilinear), centre crop `resolution`, as `views.eval_view` up to the
+    resize kernels' rounding.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
+                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
+                 hw_decoder_load: float = 0.65):
+        _check(batch_size, resolution, workers, rank, world_size)
+        if resize < resolution:
+            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
+        infos = read_manifest(shards).shards(split)
+        self._paths = [str(s.path) for s in infos]
+        self.num_samples = sum(s.samples for s in infos)
+        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last, self.hw_decoder_load = channels_last, hw_decoder_load
+        # The reader's own share bounds (DALI: start = N * shard_id / num_shards).
+        self.share = (self.num_samples * (rank + 1) // world_size) - (self.num_samples * rank // world_size)
+
+    def __len__(self) -> int:
+        return -(-self.share // self.batch_size)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        if self.share == 0:
+            return
+        gpu = self.device.type == "cuda"
+        pipe = pipeline_def(_eval_graph, batch_size=self.batch_size, num_threads=max(self.workers, 1),
+                            device_id=_device_id(self.device), seed=0)(
+            self._paths, self.rank, self.world_size, self.resize, self.resolution, gpu, self.channels_last,
+            self.hw_decoder_load)
+        pipe.build()
+        left = self.share
+        while left > 0:
+            image, label, index = pipe.run()
+            n = min(left, self.batch_size)  # the last batch is trimmed to the share
+            yield EvalBatch(_images(image, self.device, self.channels_last)[:n],
+                            _ints(label, self.device)[:n], _ints(index, self.device)[:n])
+            left -= n
+        del pipe
+
+
+# The names the backend factory (mopro_fast.data.build_*_loader) looks up.
+TrainLoader = DaliTrainLoader
+EvalLoader = DaliEvalLoader
