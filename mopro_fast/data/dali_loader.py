@@ -69,7 +69,7 @@ def _read(paths: list[str], rank: int, world_size: int, shuffle: bool, initial_f
     return jpeg, label, index
 
 
-def _normalize(images, gpu: bool, channels_last: bool, mirror=None, crop: int | None = None, crop_pos=None):
+def _normalize(images, channels_last: bool, mirror=None, crop: int | None = None, crop_pos=None):
     kw = {} if crop is None else dict(crop=(crop, crop), crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1])
     # float32 on every device: the Batch contract (fp16 would halve the copy on a GPU, but then an
     # fp32 recipe would feed half inputs to fp32 weights; autocast casts inside the model instead).
@@ -111,8 +111,8 @@ def _train_graph(paths, rank, world_size, initial_fill, resolution, gpu, channel
                             hue=fn.random.uniform(range=(-HUE * 360, HUE * 360)))
     flip_q = fn.random.coin_flip(probability=FLIP_P)
     flip_k = fn.random.coin_flip(probability=FLIP_P)
-    view_q = _normalize(weak, gpu, channels_last, mirror=flip_q)
-    view_k = _normalize(strong, gpu, channels_last, mirror=flip_k)
+    view_q = _normalize(weak, channels_last, mirror=flip_q)
+    view_k = _normalize(strong, channels_last, mirror=flip_k)
     if gpu:
         label, index = label.gpu(), index.gpu()
     outputs = (view_q, view_k, label, index)
@@ -138,7 +138,7 @@ def _eval_graph(paths, rank, world_size, resize, resolution, gpu, channels_last,
         half = dmath.floor(margin / 2)
         odd_up = (margin - 2 * half) * (half - 2 * dmath.floor(half / 2))  # 1 when d odd and floor(d/2) odd
         pos.append((half + odd_up + 0.25) / dmath.max(margin, 1.0))
-    image = _normalize(image, gpu, channels_last, crop=resolution, crop_pos=pos)
+    image = _normalize(image, channels_last, crop=resolution, crop_pos=pos)
     if gpu:
         label, index = label.gpu(), index.gpu()
     return image, label, index
