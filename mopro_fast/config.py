@@ -140,13 +140,11 @@ class LoaderConfig:
     eval_resize: int = spec(256, ge=1)
     """Shorter side (px) images are resized to before the evaluation centre crop."""
     shuffle_buffer: int = spec(5000, ge=0)
-    """Shuffle buffer of the torch backend (samples); 0 = shard order only."""
+    """Shuffle buffer in samples, every backend (DALI: the reader's initial_fill); 0 = shard order only."""
     prefetch: int = spec(2, ge=1)
     """Batches prepared ahead per worker / pipeline."""
     hw_decoder_load: float = spec(0.65, ge=0, le=1)
-    """DALI: share of JPEG decoding sent to the hardware decoder."""
-    dali_initial_fill: int = spec(1024, ge=1)
-    """DALI: shuffle buffer of the shard reader (samples)."""
+    """GPU-decoding backends (DALI on CUDA): share of JPEG decoding sent to the hardware decoder."""
 
 
 @dataclass

@@ -71,6 +71,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
                                    batch_size=cfg.loader.batch_size, resolution=cfg.loader.eval_resolution,
                                    resize=cfg.loader.eval_resize, workers=cfg.loader.workers, rank=dist.rank(),
                                    world_size=dist.world_size(), device=device,
-                                   channels_last=cfg.run.channels_last)
+                                   channels_last=cfg.run.channels_last, prefetch=cfg.loader.prefetch,
+                                   hw_decoder_load=cfg.loader.hw_decoder_load)
         results[split] = evaluate(net, loader, runtime.autocast(device, cfg.run.precision), device)
     return {"checkpoint": str(checkpoint), "world_size": dist.world_size(), "eval": results}

@@ -116,7 +116,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
 
     # ------------------------------------------------------------------ Data
     loader_args = dict(shards=Path(cfg.data.shards), batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
-                       rank=rank, world_size=world, device=device, channels_last=cfg.run.channels_last)
+                       rank=rank, world_size=world, device=device, channels_last=cfg.run.channels_last,
+                       prefetch=cfg.loader.prefetch, hw_decoder_load=cfg.loader.hw_decoder_load)
     train_loader = build_train_loader(cfg.loader.backend, split=cfg.data.train_split,
                                       resolution=cfg.loader.resolution, shuffle_buffer=cfg.loader.shuffle_buffer,
                                       seed=cfg.run.seed, steps_per_epoch=derived.steps_per_epoch, **loader_args)

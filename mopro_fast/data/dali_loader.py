@@ -196,8 +196,8 @@ class DaliTrainLoader:
 
     def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
                  shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
-                 channels_last: bool = True, steps_per_epoch: int | None = None, hw_decoder_load: float = 0.65,
-                 debug: bool = False):
+                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
+                 hw_decoder_load: float = 0.65, debug: bool = False):
         _check(batch_size, resolution, workers, rank, world_size)
         infos = read_manifest(shards).shards(split)
         self._paths = [str(s.path) for s in infos]
@@ -207,6 +207,7 @@ class DaliTrainLoader:
         self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.channels_last, self.hw_decoder_load, self.debug = channels_last, hw_decoder_load, debug
+        self.prefetch = prefetch
         default = max(1, self.num_samples // (batch_size * world_size))
         self._steps = default if steps_per_epoch is None else int(steps_per_epoch)
         if self._steps < 1:
@@ -237,7 +238,7 @@ class DaliTrainLoader:
     def _build(self):
         gpu = self.device.type == "cuda"
         pipe = pipeline_def(_train_graph, batch_size=self.batch_size, num_threads=max(self.workers, 1),
-                            device_id=_device_id(self.device), prefetch_queue_depth=2,
+                            device_id=_device_id(self.device), prefetch_queue_depth=self.prefetch,
                             seed=mix_seed(self.seed, self.rank, self.resolution) & _SEED_MASK)(
             self._paths, self.rank, self.world_size, self.shuffle_buffer, self.resolution, gpu,
             self.channels_last, self.hw_decoder_load, self.debug)
@@ -271,7 +272,7 @@ class DaliEvalLoader:
 
     def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
                  rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
-                 hw_decoder_load: float = 0.65):
+                 prefetch: int = 2, hw_decoder_load: float = 0.65):
         _check(batch_size, resolution, workers, rank, world_size)
         if resize < resolution:
             raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
@@ -280,7 +281,7 @@ class DaliEvalLoader:
         self.num_samples = sum(s.samples for s in infos)
         self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last, self.hw_decoder_load = channels_last, hw_decoder_load
+        self.channels_last, self.hw_decoder_load, self.prefetch = channels_last, hw_decoder_load, prefetch
         # The reader's own share bounds (DALI: start = N * shard_id / num_shards).
         self.share = (self.num_samples * (rank + 1) // world_size) - (self.num_samples * rank // world_size)
 
@@ -292,7 +293,7 @@ class DaliEvalLoader:
             return
         gpu = self.device.type == "cuda"
         pipe = pipeline_def(_eval_graph, batch_size=self.batch_size, num_threads=max(self.workers, 1),
-                            device_id=_device_id(self.device), seed=0)(
+                            device_id=_device_id(self.device), prefetch_queue_depth=self.prefetch, seed=0)(
             self._paths, self.rank, self.world_size, self.resize, self.resolution, gpu, self.channels_last,
             self.hw_decoder_load)
         pipe.build()

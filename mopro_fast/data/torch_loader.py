@@ -156,10 +156,10 @@ def _check(batch_size: int, resolution: int, workers: int, rank: int, world_size
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
 
 
-def _data_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
+def _data_loader(dataset: IterableDataset, workers: int, device: torch.device, prefetch: int) -> DataLoader:
     # batch_size=None: workers already yield whole batches (stacked in place, no collate copy).
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=prefetch if workers else None)
 
 
 class TorchTrainLoader:
@@ -174,8 +174,11 @@ class TorchTrainLoader:
 
     def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
                  shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
-                 channels_last: bool = True, steps_per_epoch: int | None = None):
+                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
+                 hw_decoder_load: float = 0.0):
+        # hw_decoder_load: a GPU-decoder knob of other backends; nothing to offload here.
         _check(batch_size, resolution, workers, rank, world_size)
+        self.prefetch = prefetch
         infos = read_manifest(shards).shards(split)
         self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
         self.num_samples = sum(self._sizes)
@@ -215,7 +218,7 @@ class TorchTrainLoader:
                               self.shuffle_buffer, self.seed, self.epoch, self.rank, self.world_size,
                               max(self.workers, 1), start, self.channels_last)
         expected = start
-        for step, view_q, view_k, label, index in _data_loader(dataset, self.workers, self.device):
+        for step, view_q, view_k, label, index in _data_loader(dataset, self.workers, self.device, self.prefetch):
             if step != expected:  # the round-robin order the plan relies on; cheap to check
                 raise RuntimeError(f"loader produced step {step} where step {expected} was due")
             yield Batch(finish_images(view_q, self.device, self.channels_last),
@@ -235,8 +238,10 @@ class TorchEvalLoader:
     """
 
     def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
-                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True):
+                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
+                 prefetch: int = 2, hw_decoder_load: float = 0.0):
         _check(batch_size, resolution, workers, rank, world_size)
+        self.prefetch = prefetch
         if resize < resolution:
             raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
         infos = read_manifest(shards).shards(split)
@@ -256,7 +261,7 @@ class TorchEvalLoader:
             return
         dataset = _EvalShare(self._paths, self._sizes, self.batch_size, self.resolution, self.resize, self.rank,
                              self.world_size, max(self.workers, 1), self.channels_last)
-        for image, label, index in _data_loader(dataset, self.workers, self.device):
+        for image, label, index in _data_loader(dataset, self.workers, self.device, self.prefetch):
             yield EvalBatch(finish_images(image, self.device, self.channels_last),
                             label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
 
