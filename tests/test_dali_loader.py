@@ -75,8 +75,9 @@ def test_eval_view_matches_torch_backend_and_covers_each_sample_once(small_shard
 
 # ------------------------------------------------------------------------------------- train
 
-def test_train_batches_contract_and_view_statistics(small_shards: Path, truth) -> None:
-    loader = train_loader(small_shards, debug=True)
+@pytest.mark.parametrize("decode", ["roi", "once"])
+def test_train_batches_contract_and_view_statistics(small_shards: Path, truth, decode: str) -> None:
+    loader = train_loader(small_shards, debug=True, decode=decode)
     steps = loader.steps_per_epoch
     assert steps == len(truth["train"]) // 8
     params, seen = [], []
@@ -101,7 +102,7 @@ def test_train_batches_contract_and_view_statistics(small_shards: Path, truth) -
     gray = np.concatenate([p["gray"] for p, _ in params])
     for rate, p in ((flip_q.mean(), 0.5), (flip_k.mean(), 0.5), (gray.mean(), 0.2)):
         assert abs(rate - p) < 4 * (p * (1 - p) / n) ** 0.5, (rate, p, n)
-    for key in ("crop_q", "crop_k"):
+    for key in ("crop_q", "crop_k") if decode == "once" else ():  # ROI decoding keeps its windows inside
         crop = np.concatenate([p[key] for p, _ in params])  # y0, x0, h, w as fractions of the source
         area = crop[:, 2] * crop[:, 3]
         assert area.min() >= 0.2 - 1e-4 and area.max() <= 1 + 1e-6 and area.std() > 0.1
@@ -159,3 +160,18 @@ def test_bench_loader_quick_json() -> None:
     out = json.loads(result.stdout)
     assert set(out["img_s"]) == {"torch", "dali"} and all(v > 0 for v in out["img_s"].values())
     assert out["ratio_dali_torch"] > 0 and "env" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the mixed nvJPEG pipeline)")
+@pytest.mark.parametrize("decode", ["once", "roi"])
+def test_mixed_pipeline_on_gpu(small_shards: Path, truth, decode: str) -> None:
+    loader = train_loader(small_shards, device="cuda", decode=decode)
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    for view in (batch.view_q, batch.view_k):
+        assert view.is_cuda and view.dtype == torch.float32 and view.is_contiguous(memory_format=torch.channels_last)
+    assert [truth["train"][i] for i in batch.index.tolist()] == batch.label.tolist()
+    evals = build_eval_loader("dali", shards=small_shards, split="val", batch_size=8, resolution=RES, resize=RES + 4,
+                              workers=1, rank=0, world_size=1, device="cuda")
+    assert sum(len(b) for b in evals) == len(truth["val"])
