@@ -6,7 +6,8 @@ let `warmup` batches pass untimed (worker start-up, page cache, pipeline prefetc
 `windows` windows of `window_batches` batches each; images/s is the median over windows. One
 "image" is one sample with both of its views made (a weak and a strong crop of one decode).
 Without `--shards`, realistic shards are made on the spot: the built-in data set rendered at
-`--image-size` px (shorter side), converted with the default `max_side` 256, as `mopro-fast convert`.
+`--image-size` px (shorter side), converted with `--max-side` (default 384: stored images of
+about 384 x 450-510 px, web-like sizes; `mopro-fast convert`'s own default is 256).
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ def available_backends() -> list[str]:
     return out
 
 
-def make_shards(out: Path, classes: int, per_class: int, image_size: int, shard_size: int) -> Path:
+def make_shards(out: Path, classes: int, per_class: int, image_size: int, shard_size: int,
+                max_side: int = 384) -> Path:
     """Built-in data set at `image_size` px converted to shards under `out`; returns the shards folder."""
     from data_tools.convert import ConvertSettings, convert
     from data_tools.fixture import FixtureSpec, make_fixture
 
     make_fixture(out / "src", FixtureSpec(classes=classes, train_per_class=per_class, val_per_class=0,
                                           imagenet_per_class=0, image_size=image_size, seed=0))
-    convert(out / "src", out / "shards", ConvertSettings(shard_size=shard_size), progress=False)
+    convert(out / "src", out / "shards", ConvertSettings(shard_size=shard_size, max_side=max_side), progress=False)
     return out / "shards"
 
 
@@ -85,12 +87,12 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
 
 def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int, batch_size: int,
                      workers: int, warmup: int, windows: int, window_batches: int, classes: int, per_class: int,
-                     image_size: int) -> dict:
+                     image_size: int, max_side: int = 384) -> dict:
     with tempfile.TemporaryDirectory(prefix="mopro-bench-loader-") as tmp:
         made = shards is None
         if made:
             shard_size = max(50, classes * per_class // 8)
-            shards = make_shards(Path(tmp), classes, per_class, image_size, shard_size)
+            shards = make_shards(Path(tmp), classes, per_class, image_size, shard_size, max_side)
         from mopro_fast.data.manifest import read_manifest
 
         samples = read_manifest(shards).num_written(split)
@@ -108,7 +110,7 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
                           "shards": "built-in" if made else str(shards), "device": "cpu"}
     if made:
         result["settings"].update({"classes": classes, "per_class": per_class, "image_size": image_size,
-                                   "max_side": 256})
+                                   "max_side": max_side})
     result["env"] = environment("cpu")
     return result
 
@@ -130,16 +132,18 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 @click.option("--classes", default=10, show_default=True, help="Classes of the generated data set.")
 @click.option("--per-class", default=80, show_default=True, help="Training images per class (generated).")
 @click.option("--image-size", default=448, show_default=True, help="Shorter side of the generated images.")
+@click.option("--max-side", default=384, show_default=True,
+              help="Shorter side the generated images are stored at (convert --max-side).")
 @click.option("--quick", is_flag=True, help="CI-sized: 4 x 20 images at 160 px, res 64, batch 16, 2 windows of 2.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, workers: int | None,
                  shards: Path | None, split: str, warmup: int, windows: int, window_batches: int, classes: int,
-                 per_class: int, image_size: int, quick: bool, as_json: bool) -> None:
+                 per_class: int, image_size: int, max_side: int, quick: bool, as_json: bool) -> None:
     """Two-view training images/s of the torch and dali loaders on the same shards (CPU)."""
     chosen = list(backends) or available_backends()
     if quick:
         resolution, batch_size, warmup, windows, window_batches = 64, 16, 1, 2, 2
         classes, per_class, image_size = 4, 20, 160
     result = run_loader_bench(chosen, shards, split, resolution, batch_size, workers or os.cpu_count() or 1,
-                              warmup, windows, window_batches, classes, per_class, image_size)
+                              warmup, windows, window_batches, classes, per_class, image_size, max_side)
     emit(result, as_json)
