@@ -55,6 +55,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
+from mopro_fast.data.epochs import EpochPlan
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import mix_seed
 from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER
@@ -205,7 +206,7 @@ def _check(batch_size: int, resolution: int, workers: int, rank: int, world_size
 
 # ----------------------------------------------------------------------------------- loaders
 
-class DaliTrainLoader:
+class DaliTrainLoader(EpochPlan):
     """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
 
     Same arguments as `TorchTrainLoader`, plus `hw_decoder_load` (share of JPEGs for the A100/H100
@@ -231,22 +232,9 @@ class DaliTrainLoader:
         if decode not in ("once", "roi"):
             raise ValueError(f"decode must be 'once' or 'roi', got {decode!r}")
         self.decode = decode
-        default = max(1, self.num_samples // (batch_size * world_size))
-        self._steps = default if steps_per_epoch is None else int(steps_per_epoch)
-        if self._steps < 1:
-            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
         self.resolution = resolution
-        self.epoch, self.start_step = 0, 0
         self._pipe = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self._steps:
-            raise ValueError(f"start_step {start_step} is not in [0, {self._steps}]")
-        self.epoch, self.start_step = epoch, start_step
 
     def set_resolution(self, resolution: int) -> None:
         """The crop size of the views from the next iteration on (rebuilds the pipeline)."""
@@ -254,9 +242,6 @@ class DaliTrainLoader:
             raise ValueError(f"resolution must be positive, got {resolution}")
         if resolution != self.resolution:
             self.resolution, self._pipe = resolution, None
-
-    def __len__(self) -> int:
-        return self._steps - self.start_step
 
     def _build(self):
         gpu = self.device.type == "cuda"

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images
+from mopro_fast.data.epochs import EpochPlan
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import (TAG_BUFFER, TAG_VIEWS, Piece, batches_of_worker, buffer_shuffle, eval_window,
                                     mix_seed, pieces, shard_order, train_window)
@@ -162,7 +163,7 @@ def _data_loader(dataset: IterableDataset, workers: int, device: torch.device, p
                       prefetch_factor=prefetch if workers else None)
 
 
-class TorchTrainLoader:
+class TorchTrainLoader(EpochPlan):
     """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
 
     Call `set_epoch(epoch)` (or `set_epoch(epoch, start_step=k)` to resume mid-epoch) before
@@ -187,30 +188,14 @@ class TorchTrainLoader:
         self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.channels_last = channels_last
-        default = max(1, self.num_samples // (batch_size * world_size))
-        self._steps = default if steps_per_epoch is None else int(steps_per_epoch)
-        if self._steps < 1:
-            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
         self.resolution = resolution
-        self.epoch, self.start_step = 0, 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self._steps:
-            raise ValueError(f"start_step {start_step} is not in [0, {self._steps}]")
-        self.epoch, self.start_step = epoch, start_step
 
     def set_resolution(self, resolution: int) -> None:
         """The crop size of the views from the next iteration on (progressive resizing)."""
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.resolution = resolution
-
-    def __len__(self) -> int:
-        return self._steps - self.start_step
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.start_step
