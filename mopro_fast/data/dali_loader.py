@@ -55,7 +55,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
-from mopro_fast.data.epochs import EpochPlan
+from mopro_fast.data.epochs import EpochPlan, check_loader_args
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import mix_seed
 from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER
@@ -196,14 +196,6 @@ def _device_id(device: torch.device) -> int | None:
     return None
 
 
-def _check(batch_size: int, resolution: int, workers: int, rank: int, world_size: int) -> None:
-    if batch_size < 1 or resolution < 1 or workers < 0:
-        raise ValueError(f"need batch_size >= 1, resolution >= 1, workers >= 0; "
-                         f"got {batch_size}, {resolution}, {workers}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-
-
 # ----------------------------------------------------------------------------------- loaders
 
 class DaliTrainLoader(EpochPlan):
@@ -219,7 +211,7 @@ class DaliTrainLoader(EpochPlan):
                  shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
                  channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
                  hw_decoder_load: float = 0.65, debug: bool = False, decode: str = "once"):
-        _check(batch_size, resolution, workers, rank, world_size)
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
         infos = read_manifest(shards).shards(split)
         self._paths = [str(s.path) for s in infos]
         self.num_samples = sum(s.samples for s in infos)
@@ -284,7 +276,7 @@ class DaliEvalLoader:
     def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
                  rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
                  prefetch: int = 2, hw_decoder_load: float = 0.65):
-        _check(batch_size, resolution, workers, rank, world_size)
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
         if resize < resolution:
             raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
         infos = read_manifest(shards).shards(split)

@@ -7,6 +7,15 @@ decided here, once, from the data and the global batch, not by whichever rank ru
 from __future__ import annotations
 
 
+def check_loader_args(batch_size: int, resolution: int, workers: int, rank: int, world_size: int) -> None:
+    """The arguments every loader backend shares, checked the same way (one-line ValueError)."""
+    if batch_size < 1 or resolution < 1 or workers < 0:
+        raise ValueError(f"need batch_size >= 1, resolution >= 1, workers >= 0; "
+                         f"got {batch_size}, {resolution}, {workers}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+
+
 class EpochPlan:
     """Mixin: `steps_per_epoch`, `set_epoch(epoch, start_step)` and `len()` of the rest of the epoch."""
 

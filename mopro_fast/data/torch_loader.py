@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images
-from mopro_fast.data.epochs import EpochPlan
+from mopro_fast.data.epochs import EpochPlan, check_loader_args
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import (TAG_BUFFER, TAG_VIEWS, Piece, batches_of_worker, buffer_shuffle, eval_window,
                                     mix_seed, pieces, shard_order, train_window)
@@ -149,14 +149,6 @@ class _EvalShare(IterableDataset):
                    torch.tensor([c[2] for c in chunk], dtype=torch.int64))
 
 
-def _check(batch_size: int, resolution: int, workers: int, rank: int, world_size: int) -> None:
-    if batch_size < 1 or resolution < 1 or workers < 0:
-        raise ValueError(f"need batch_size >= 1, resolution >= 1, workers >= 0; "
-                         f"got {batch_size}, {resolution}, {workers}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-
-
 def _data_loader(dataset: IterableDataset, workers: int, device: torch.device, prefetch: int) -> DataLoader:
     # batch_size=None: workers already yield whole batches (stacked in place, no collate copy).
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -178,7 +170,7 @@ class TorchTrainLoader(EpochPlan):
                  channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
                  hw_decoder_load: float = 0.0):
         # hw_decoder_load: a GPU-decoder knob of other backends; nothing to offload here.
-        _check(batch_size, resolution, workers, rank, world_size)
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
         self.prefetch = prefetch
         infos = read_manifest(shards).shards(split)
         self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
@@ -225,7 +217,7 @@ class TorchEvalLoader:
     def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
                  rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
                  prefetch: int = 2, hw_decoder_load: float = 0.0):
-        _check(batch_size, resolution, workers, rank, world_size)
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
         self.prefetch = prefetch
         if resize < resolution:
             raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
