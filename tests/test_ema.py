@@ -92,9 +92,9 @@ def test_flat_buffers_keep_values_and_match_loop():
     ema_update_flat(flat_k, flat_q, 0.9)
     for a, b in zip(key.parameters(), expected.parameters()):
         assert (a - b).abs().max() <= 1e-14
-    assert flat_k.is_intact()
+    assert flat_k.is_intact() and flat_k.is_intact(full=True)
     ema_update_reference(key, query, 0.9)  # re-points .data: no longer in the buffer
-    assert not flat_k.is_intact()
+    assert not flat_k.is_intact() and not flat_k.is_intact(full=True)
 
 
 def test_mopro_momentum_update_flat_and_after_moves():
