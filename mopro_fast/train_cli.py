@@ -43,10 +43,11 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
     from mopro_fast.data import BackendUnavailable
     from mopro_fast.data.manifest import ManifestError
     from mopro_fast.train import TrainingStopped, train
+    from mopro_fast.truth import TruthError
 
     try:
         summary = train(cfg, resume=resume, progress=not no_progress and sys.stderr.isatty())
-    except (ConfigError, BackendUnavailable, ManifestError) as exc:
+    except (ConfigError, BackendUnavailable, ManifestError, TruthError) as exc:
         fail(str(exc))
     except TrainingStopped as exc:
         fail(str(exc), code=3)

@@ -16,14 +16,21 @@ OOD = -1
 UNKNOWN = -2
 
 
+class TruthError(ValueError):
+    """data.truth cannot be used; the message is one line naming the file."""
+
+
 def read_truth_tsv(path: Path) -> dict[str, int]:
     """path -> clean label, or OOD (-1); the file's header is `path  web_label  truth`."""
     truth = {}
-    lines = Path(path).read_text().splitlines()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise TruthError(f"data.truth: cannot read {path} ({exc.strerror or exc}); fix the path or set data.truth=null") from None
     for lineno, line in enumerate(lines[1:], 2):
         parts = line.split("\t")
-        if len(parts) != 3:
-            raise ValueError(f"{path}:{lineno}: expected 'path<TAB>web_label<TAB>truth'")
+        if len(parts) != 3 or not (parts[2] == "ood" or parts[2].isdigit()):
+            raise TruthError(f"data.truth: {path}:{lineno}: expected 'path<TAB>web_label<TAB>class id or ood'")
         truth[parts[0]] = OOD if parts[2] == "ood" else int(parts[2])
     return truth
 

@@ -196,3 +196,12 @@ def test_nan_loss_stops_with_one_line_and_saves_nothing_new(data, tmp_path: Path
     assert "loss is nan" in result.stderr.lower() or "loss is inf" in result.stderr.lower()
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert list_checkpoints(out) == []
+
+
+def test_bad_truth_file_is_one_line(data, tmp_path: Path) -> None:
+    bad = tmp_path / "truth.tsv"
+    bad.write_text("path\tweb_label\ttruth\ngoogle/q0001/000001.jpg\t0\tmaybe\n")
+    for truth, message in ((tmp_path / "missing.tsv", "cannot read"), (bad, "truth.tsv:2")):
+        result = cli("train", RECIPE, *tiny(data, tmp_path / "run", epochs=1, **{"data.truth": truth}))
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
