@@ -32,6 +32,9 @@ def fail(message: str, code: int = 2) -> None:
               help="Base shorter side in pixels; sizes and aspect ratios vary around it like web images.")
 @click.option("--noise", default=0.2, show_default=True, type=click.FloatRange(0, 1),
               help="Fraction of training labels flipped to another class.")
+@click.option("--pair", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of the flipped labels that show one fixed confusable class ((c+1) mod K) instead of a "
+                   "uniformly drawn one: structured, web-like noise.")
 @click.option("--ood", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="Fraction of training images that show no class (out-of-distribution), with random labels.")
 @click.option("--flickr", default=0.3, show_default=True, type=click.FloatRange(0, 1),
@@ -41,7 +44,8 @@ def fail(message: str, code: int = 2) -> None:
               help="Also plant broken web files (truncated, PNG/GIF behind .jpg, CMYK, grayscale, empty, "
                    "missing, 20000x20000) listed in OUT/corrupt.tsv.")
 def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: int, imagenet_per_class: int,
-                 image_size: int, noise: float, ood: float, flickr: float, seed: int, corrupt: bool) -> None:
+                 image_size: int, noise: float, pair: float, ood: float, flickr: float, seed: int,
+                 corrupt: bool) -> None:
     """Write the built-in WebVision-1.0-shaped data set to OUT.
 
     Real JPEGs a small CNN can learn, with planted web noise: flipped labels and out-of-distribution
@@ -54,8 +58,8 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty; pick a new folder or delete it")
     spec = FixtureSpec(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                       imagenet_per_class=imagenet_per_class, image_size=image_size, noise=noise, ood=ood,
-                       flickr=flickr, seed=seed, corrupt=corrupt)
+                       imagenet_per_class=imagenet_per_class, image_size=image_size, noise=noise, pair=pair,
+                       ood=ood, flickr=flickr, seed=seed, corrupt=corrupt)
     try:
         spec.validate()
         summary = build(out, spec, progress=sys.stderr.isatty())

@@ -8,8 +8,10 @@ becomes a diamond), low-saturation gradient background, luma noise. Out-of-distr
 self-crossing blobs, scribbles or smooth colour noise, never a class shape.
 
 Training lists mimic a web crawl: each class (query) lists exactly ``train_per_class`` images;
-a fraction ``noise`` of all listed images shows another class (drawn uniformly) and a fraction
-``ood`` shows no class. Counts are ``round(fraction * N)`` over the whole list, so the truth
+a fraction ``noise`` of all listed images shows another class and a fraction ``ood`` shows no
+class. The other class is drawn uniformly (symmetric noise), except for a share ``pair`` of the
+flipped images, which show the query's one confusable class ``(c + 1) mod K`` (structured noise,
+as when a web search for one class keeps returning a related one). Counts are ``round(fraction * N)`` over the whole list, so the truth
 fractions match the spec to within 1/N. ``truth.tsv`` records the content of every listed image.
 
 Each image draws from its own ``numpy.random.default_rng([seed, split, index])``: the output does not
@@ -86,6 +88,7 @@ class FixtureSpec:
     imagenet_per_class: int = 20  # ImageNet-val-style images per class, clean labels
     image_size: int = 64  # base shorter side (px); train/ImageNet vary 0.8-1.25x, aspect 3/4-4/3
     noise: float = 0.2  # content of another class, listed under this label
+    pair: float = 0.0  # share of the flipped images showing the confusable class (c + 1) mod K, not a uniform one
     ood: float = 0.1  # content of no class
     flickr: float = 0.3  # share from the flickr source, the rest is google
     seed: int = 0
@@ -98,7 +101,8 @@ class FixtureSpec:
             (min(self.train_per_class, self.val_per_class, self.imagenet_per_class, self.seed) >= 0,
              "per-class counts and seed must be >= 0"),
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
-            (all(0 <= x <= 1 for x in (self.noise, self.ood, self.flickr)), "noise, ood, flickr must be in [0, 1]"),
+            (all(0 <= x <= 1 for x in (self.noise, self.pair, self.ood, self.flickr)),
+             "noise, pair, ood, flickr must be in [0, 1]"),
             (self.noise + self.ood <= 1, f"noise + ood must be <= 1, got {self.noise + self.ood}"),
             (self.noise == 0 or self.classes >= 2, "label noise needs at least 2 classes"),
         ]:
@@ -275,7 +279,10 @@ def _plan(spec: FixtureSpec) -> tuple[list[_Job], list[tuple[str, int, int, str]
     order = g.permutation(n)
     n_flip, n_ood = round(spec.noise * n), round(spec.ood * n)
     flip = order[:n_flip]
-    content[flip] = (label[flip] + g.integers(1, max(K, 2), n_flip)) % K  # uniform over the other classes
+    offset = g.integers(1, max(K, 2), n_flip)  # uniform over the other classes
+    if spec.pair > 0:  # own stream, so that pair=0 keeps the symmetric fixtures byte-identical
+        offset[np.random.default_rng([spec.seed, _PLAN, 1]).permutation(n_flip)[: round(spec.pair * n_flip)]] = 1
+    content[flip] = (label[flip] + offset) % K
     content[order[n_flip : n_flip + n_ood]] = -1
     flickr = np.zeros(n, bool)
     flickr[g.permutation(n)[: round(spec.flickr * n)]] = True

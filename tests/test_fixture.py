@@ -92,6 +92,23 @@ def test_truth_fractions(fx, corrupt):
     assert all(by_path[p][1] == str(by_path[p][0]) for p in corrupt.values())  # planted ones: nominal class
 
 
+def test_pair_noise_is_structured_and_leaves_symmetric_plans_alone():
+    from data_tools.fixture import _plan
+
+    base = replace(SPEC, corrupt=False)
+    sym = [(y, c) for _, y, c, _ in _plan(base)[1]]
+    half = [(y, c) for _, y, c, _ in _plan(replace(base, pair=0.5))[1]]
+    full = [(y, c) for _, y, c, _ in _plan(replace(base, pair=1.0))[1]]
+    flips = lambda rows: [(y, c) for y, c in rows if c >= 0 and c != y]  # noqa: E731
+    assert len(flips(sym)) == len(flips(half)) == len(flips(full)) == 80  # same images flipped, same OOD
+    assert [c < 0 for _, c in sym] == [c < 0 for _, c in full]
+    assert all(c == (y + 1) % 10 for y, c in flips(full))  # every flip shows the confusable class
+    assert sum(c == (y + 1) % 10 for y, c in flips(half)) >= 40  # half of them at least (+ uniform hits)
+    assert len({c - y for y, c in flips(sym)}) > 3  # symmetric: spread over the other classes
+    with pytest.raises(ValueError, match="pair"):
+        replace(base, pair=1.5).validate()
+
+
 def test_val_and_imagenet(fx):
     root, summary = fx
     val = read_pairs(root / "info/val_filelist.txt")
