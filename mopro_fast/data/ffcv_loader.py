@@ -30,14 +30,12 @@ import queue
 from pathlib import Path
 from typing import Iterator
 
-import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA
 from ffcv.pipeline import PipelineSpec
-from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order.base import TraversalOrder
 
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images, normalize_uint8
@@ -50,12 +48,6 @@ from mopro_fast.data.stream import eval_window, mix_seed
 TAG_ORDER, TAG_CROPS, TAG_COLOR = 11, 12, 13  # keep these seeds apart from stream.py's tags
 
 
-def _numba_threads_only(cls, n: int) -> None:
-    cls.num_threads = n if n >= 1 else numba.config.NUMBA_NUM_THREADS
-    numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
-
-
-Compiler.set_num_threads = classmethod(_numba_threads_only)
 
 
 def beton_path(shards: Path | str, split: str) -> tuple[Path, int]:

@@ -31,14 +31,52 @@ from dataclasses import replace
 import numba
 import numpy as np
 from ffcv.libffcv import imdecode, resize_crop
+from ffcv.memory_managers import OSCacheManager
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 
 from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P
 
+# Two corrections to FFCV 1.0.2, applied when the ffcv backend is imported (FFCV's only user here):
+# 1. Compiler.set_num_threads also calls torch.set_num_threads, shrinking the trainer's intra-op
+#    pool to the loader's thread count; keep only numba's half.
+# 2. OSCacheManager.state_type sets `.mutable = False` on numba's interned `uint8[::1]` type, which
+#    changes that shared object's hash: later dispatchers keyed by it fail (KeyError in typing and
+#    at garbage collection) and writable uint8 arrays type as read-only. Build fresh types instead.
+def _numba_threads_only(cls, n: int) -> None:
+    cls.num_threads = n if n >= 1 else numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
+
+
+_READONLY_BYTES = numba.types.Array(numba.types.uint8, 1, "C", readonly=True)  # a fresh type, not the interned one
+
+
+def _os_cache_state_type(self):
+    table = numba.types.Array(numba.types.uint64, 1, "C")
+    return numba.types.Tuple([_READONLY_BYTES, table, table])
+
+
+def _os_cache_reader(self):
+    def read(address, mem_state):  # FFCV's reader: the bytes of the allocation starting at `address`
+        size = mem_state[2][np.searchsorted(mem_state[1], address)]
+        return mem_state[0][address:address + size]
+
+    return Compiler.compile(read, _READONLY_BYTES(numba.types.uint64, self.state_type))
+
+
+Compiler.set_num_threads = classmethod(_numba_threads_only)
+OSCacheManager.state_type = property(_os_cache_state_type)
+OSCacheManager.compile_reader = _os_cache_reader
+
+
 PARAM_FIELDS = ("top", "left", "height", "width", "src_height", "src_width")  # uint16 each, then a flip byte
 _JPG = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]; 1 = raw pixels
+
+# FFCV's ctypes wrappers, compiled once per process and shared by every pipeline (FFCV's own
+# decoders wrap them afresh per pipeline, which compiles them again for every loader).
+_imdecode = numba.njit(nogil=True)(imdecode)
+_resize_crop = numba.njit(nogil=True)(resize_crop)
 
 
 
@@ -141,10 +179,7 @@ class TwoViewDecoder(Operation):
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
-        # FFCV's ctypes wrappers are compiled per pipeline, as FFCV's own decoders do (a dispatcher
-        # shared between two loaders' pipelines failed numba's typing on the second one).
-        imdecode_c, resize_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        crop_c, flip_c, params_c, mix_c, uniform_c = (sample_crop, _flip_columns, _put_params, _mix, _uniform)
+        imdecode_c, resize_c, crop_c, flip_c, params_c, mix_c, uniform_c = (_imdecode, _resize_crop, sample_crop, _flip_columns, _put_params, _mix, _uniform)
         res, seed = self.resolution, np.uint64(self.seed)
         scale_lo, scale_hi = CROP_SCALE
         log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
@@ -260,7 +295,7 @@ class EvalDecoder(Operation):
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
-        imdecode_c, crop_c = Compiler.compile(imdecode), eval_crop
+        imdecode_c, crop_c = _imdecode, eval_crop
         resize, crop = self.resize, self.crop
 
         def decode(batch_indices, my_storage, metadata, storage_state):
