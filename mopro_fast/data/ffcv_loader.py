@@ -124,6 +124,12 @@ def _pipelines(image_decoder) -> dict:
             "index": PipelineSpec("index", decoder=IntDecoder())}
 
 
+def _own(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A host copy of uint8 images out of FFCV's buffer (FFCV reuses it a few batches later, and an
+    asynchronous copy to the GPU could still be reading it then)."""
+    return images.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _int_column(array: np.ndarray, device: torch.device) -> torch.Tensor:
     # A copy: FFCV reuses its output buffers a few batches later.
     return torch.from_numpy(array.reshape(-1).astype(np.int64)).to(device, non_blocking=True)
@@ -175,14 +181,13 @@ class FfcvTrainLoader(EpochPlan):
         generator = torch.Generator()
         for images, label, index in _batches(self._loader):
             out = torch.from_numpy(images)  # B x 2 x (res + 1) x res x 3 uint8, FFCV's buffer
-            view_q = out[:, 0, :res].permute(0, 3, 1, 2)  # B x 3 x res x res (strided views, no copy yet)
-            view_k = out[:, 1, :res].permute(0, 3, 1, 2)
+            view_q = _own(out[:, 0, :res].permute(0, 3, 1, 2), self.channels_last)  # B x 3 x res x res uint8
+            view_k = _own(out[:, 1, :res].permute(0, 3, 1, 2), self.channels_last)
             generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank, step, TAG_COLOR) & ((1 << 63) - 1))
             color = sample_strong_color(len(out), generator)
-            strong = view_k.to(dev, non_blocking=True)
+            strong = apply_strong_color(view_k.to(dev, non_blocking=True).float(), color)  # B x 3 x res x res, 0..255
             if self.channels_last:
                 strong = strong.contiguous(memory_format=torch.channels_last)
-            strong = apply_strong_color(strong.float(), color)  # B x 3 x res x res float in [0, 255]
             batch = Batch(finish_images(view_q, dev, self.channels_last), normalize_uint8(strong),
                           _int_column(label, dev), _int_column(index, dev))
             if self.debug:
@@ -234,10 +239,7 @@ class FfcvEvalLoader:
                                   indices=np.arange(*self.share), batches_ahead=max(self.prefetch, 1),
                                   pipelines=_pipelines(EvalDecoder(self.resize, self.resolution)), seed=0)
         for images, label, index in _batches(self._loader):
-            image = torch.from_numpy(images).permute(0, 3, 1, 2)  # b x 3 x res x res, channels-last strides
-            if not self.channels_last:
-                image = image.contiguous()
-            # finish_images normalises into a new tensor: nothing keeps FFCV's buffer alive.
+            image = _own(torch.from_numpy(images).permute(0, 3, 1, 2), self.channels_last)  # b x 3 x res x res uint8
             yield EvalBatch(finish_images(image, self.device, self.channels_last), _int_column(label, self.device),
                             _int_column(index, self.device))
 
