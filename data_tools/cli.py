@@ -96,8 +96,9 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
               help="wds: WebDataset shards (torch, dali backends). ffcv: one FFCV .beton per split, OUT/<split>.beton "
                    "(ffcv backend; needs the ffcv extra). both: shards and .beton, same records and images.")
 @click.option("--ffcv-write-mode", type=click.Choice(["proportion", "jpg", "raw"]), default="proportion",
-              show_default=True, help="How the .beton stores each image: the shard's JPEG, raw RGB pixels (larger, "
-                                      "no decode when loading), or JPEG with --ffcv-compress-probability, else raw.")
+              show_default=True, help="How the .beton stores each image. jpg: the shard's JPEG bytes; raw: decoded "
+                                      "RGB pixels (larger, no decode when loading); proportion: JPEG with probability "
+                                      "--ffcv-compress-probability, else raw.")
 @click.option("--ffcv-max-resolution", default=0, show_default=True, type=int,
               help="Also bound the longer side in the .beton (px); 0 = the shards' images unchanged.")
 @click.option("--ffcv-jpeg-quality", default=90, show_default=True, type=int,
