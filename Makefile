@@ -8,10 +8,18 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)   ## create .venv and install the pinned set (a no-op when .venv is current)
 
-$(STAMP): pyproject.toml requirements.lock
+FFCV_SYSTEM := pkg-config libopencv-dev libturbojpeg0-dev
+
+$(STAMP): pyproject.toml requirements.lock requirements-ffcv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	@# The ffcv extra builds against system packages: installed here when we are root with apt-get.
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FFCV_SYSTEM); fi
+	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  $(BIN)/python -m pip install --quiet -r requirements-ffcv.lock; \
+	else echo "note: ffcv not installed (needs apt-get install $(FFCV_SYSTEM)); its backend and tests are skipped"; fi
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 

@@ -96,16 +96,34 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Processes converting shards in parallel [default: all cores]. Output does not depend on it.")
 @click.option("--overwrite", is_flag=True, help="Clear OUT first if it holds something else.")
+@click.option("--format", "fmt", type=click.Choice(["wds", "ffcv", "both"]), default="wds", show_default=True,
+              help="wds: WebDataset shards (torch, dali backends). ffcv: one FFCV .beton per split, OUT/<split>.beton "
+                   "(ffcv backend; needs the ffcv extra). both: shards and .beton, same records and images.")
+@click.option("--ffcv-write-mode", type=click.Choice(["proportion", "jpg", "raw"]), default="proportion",
+              show_default=True, help="How the .beton stores each image. jpg: the shard's JPEG bytes; raw: decoded "
+                                      "RGB pixels (larger, no decode when loading); proportion: JPEG with probability "
+                                      "--ffcv-compress-probability, else raw.")
+@click.option("--ffcv-max-resolution", default=0, show_default=True, type=int,
+              help="Also bound the longer side in the .beton (px); 0 = the shards' images unchanged.")
+@click.option("--ffcv-jpeg-quality", default=90, show_default=True, type=int,
+              help="JPEG quality of images that --ffcv-max-resolution resized (others keep the shard's JPEG bytes).")
+@click.option("--ffcv-compress-probability", default=0.5, show_default=True, type=float,
+              help="proportion mode: share of images stored as JPEG (seeded per sample, so reproducible).")
 def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str | None, val_dir: str,
             imagenet_val: Path | None, imagenet_labels: Path | None, max_side: int, quality: int,
-            shard_size: int, max_pixels: int, seed: int, workers: int | None, overwrite: bool) -> None:
-    """Convert a WebVision-1.0 folder SRC into WebDataset shards under OUT.
+            shard_size: int, max_pixels: int, seed: int, workers: int | None, overwrite: bool, fmt: str,
+            ffcv_write_mode: str, ffcv_max_resolution: int, ffcv_jpeg_quality: int,
+            ffcv_compress_probability: float) -> None:
+    """Convert a WebVision-1.0 folder SRC into WebDataset shards (or FFCV .beton files) under OUT.
 
     Writes OUT/<split>/<split>-NNNNNN.tar with a DALI index (.idx) beside each, for the splits
     train, val and (with --imagenet-val) imagenet-val, and OUT/manifest.json: settings, shard
     list with sha256, counts per class and source, and every rejected record with its reason.
-    Re-running the same command after an interruption finishes the job and reuses complete shards.
+    With --format ffcv or both, OUT/<split>.beton holds the same records and images (fields image,
+    label, index). Re-running the same command after an interruption finishes the job and reuses
+    complete shards and .beton files.
     """
+    from data_tools.beton import BetonSettings
     from data_tools.convert import ConvertError, ConvertSettings, convert as run
 
     source_list = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None
@@ -118,15 +136,22 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
         fail(f"{src}: no such directory; pass the WebVision root (the folder holding info/)")
     try:
         manifest = run(src, out, settings, workers=workers or os.cpu_count(), overwrite=overwrite,
-                       progress=sys.stderr.isatty() or bool(os.environ.get("MOPRO_PROGRESS")))
+                       progress=sys.stderr.isatty() or bool(os.environ.get("MOPRO_PROGRESS")), fmt=fmt,
+                       beton=BetonSettings(ffcv_write_mode, ffcv_max_resolution, ffcv_jpeg_quality,
+                                           ffcv_compress_probability))
     except ConvertError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; re-run the same command to resume", code=130)
     for name, split in manifest["splits"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in split["rejected_by_reason"].items()) or "none"
-        click.echo(f"{name}: {split['num_written']}/{split['num_listed']} written in {len(split['shards'])} "
-                   f"shard(s), {split['num_repaired']} repaired, rejected: {reasons}")
+        parts = [f"{len(split['shards'])} shard(s)"] if split["shards"] or "beton" not in split else []
+        if "beton" in split:
+            b = split["beton"]
+            parts.append(f"{b['file']} ({b['jpg']} JPEG, {b['raw']} raw)")
+        where = " and ".join(parts)
+        click.echo(f"{name}: {split['num_written']}/{split['num_listed']} written in {where}, "
+                   f"{split['num_repaired']} repaired, rejected: {reasons}")
     click.echo(f"manifest: {out / 'manifest.json'}")
 
 

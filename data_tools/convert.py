@@ -1,4 +1,4 @@
-"""`mopro-fast convert`: listed records -> WebDataset shards + DALI index files + manifest.json.
+"""`mopro-fast convert`: listed records -> WebDataset shards + DALI index files (+ FFCV .beton) + manifest.json.
 
 The plan is a pure function of the listing and the settings: each split's records (the training
 split in a seeded random order, so shards are class-mixed) are cut into shards of `shard_size`.
@@ -9,6 +9,16 @@ so a killed conversion resumes to exactly the bytes of an uninterrupted one, wha
 
 Accounting: every listed record ends in a shard or in the manifest's rejects with a reason;
 `listed = written + rejected` is checked per split before the manifest is written.
+
+Formats (`--format`): "wds" (the default, the output above), "ffcv" or "both". FFCV's `.beton`
+(data_tools/beton.py) is written per split from the finished shards, in plan order, so it holds
+the same records, images and rejects. Its state file `OUT/.state/beton/<split>.json` lands last
+and names the shards' sha256s and the FFCV settings: a re-run reuses a current .beton and
+rewrites a missing, partial or outdated one from the shards (FFCV options can change without
+--overwrite: only the .beton is rewritten). With "ffcv" alone the shards are work files under
+`OUT/.state/work/`, deleted once the .beton is written; a re-run with a current .beton converts
+nothing, one without rebuilds the shards it needs. OUT holds what the last command asked for:
+shards of another format left by an earlier run are removed.
 """
 
 from __future__ import annotations
@@ -24,14 +34,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from data_tools.beton import FIELDS_DOC, PAGE_SIZE, BetonError, BetonSettings
 from data_tools.imaging import ImageRejected, prepare_image
 from data_tools.shards import (INDEX_VERSION, Sample, atomic_write_bytes, atomic_write_json,
-                               index_text, sha256_file, write_tar)
+                               index_text, read_samples, sha256_file, write_tar)
 from data_tools.webvision import (ListingError, Record, Split, effective_classes, list_imagenet_val, list_webvision,
                                   read_synsets)
 
 MANIFEST = "manifest.json"
 FORMAT = "mopro-fast-wds/1"
+OUTPUT_FORMATS = {"wds": ("wds",), "ffcv": ("ffcv",), "both": ("wds", "ffcv")}  # --format -> what is written
+WORK = ".state/work"  # shards of an ffcv-only conversion (work files)
+BETON_STATE = ".state/beton"
 
 
 class ConvertError(Exception):
@@ -72,6 +86,7 @@ class ShardTask:
     records: tuple[Record, ...]
     out: str
     fingerprint: str
+    prefix: str = ""  # "" = the shard is output; WORK + "/" = a work file of an ffcv-only conversion
 
     @property
     def name(self) -> str:
@@ -79,11 +94,11 @@ class ShardTask:
 
     @property
     def tar_rel(self) -> str:
-        return f"{self.split}/{self.name}.tar"
+        return f"{self.prefix}{self.split}/{self.name}.tar"
 
     @property
     def idx_rel(self) -> str:
-        return f"{self.split}/{self.name}.idx"
+        return f"{self.prefix}{self.split}/{self.name}.idx"
 
     @property
     def state_path(self) -> Path:
@@ -113,7 +128,7 @@ def num_classes(settings: ConvertSettings, synsets: list) -> int:
     return effective_classes(settings.subset, settings.classes, len(synsets))
 
 
-def plan(splits: dict[str, Split], settings: ConvertSettings, out: Path) -> list[ShardTask]:
+def plan(splits: dict[str, Split], settings: ConvertSettings, out: Path, prefix: str = "") -> list[ShardTask]:
     fingerprint = _fingerprint(settings)
     tasks = []
     for name, split in splits.items():
@@ -123,7 +138,7 @@ def plan(splits: dict[str, Split], settings: ConvertSettings, out: Path) -> list
             random.Random(settings.seed).shuffle(records)
         size = settings.shard_size
         for number, start in enumerate(range(0, len(records), size)):
-            tasks.append(ShardTask(name, number, tuple(records[start:start + size]), str(out), fingerprint))
+            tasks.append(ShardTask(name, number, tuple(records[start:start + size]), str(out), fingerprint, prefix))
     return tasks
 
 
@@ -207,15 +222,24 @@ def _read(rec: Record) -> bytes:
         raise ImageRejected("unreadable_file", f"{type(exc).__name__}: {exc}") from None
 
 
-def _reusable(task: ShardTask) -> dict | None:
-    """The state of a shard finished by an earlier run with the same plan, if its files are there."""
+def _finished_state(task: ShardTask) -> dict | None:
+    """The state file of a shard an earlier run finished with the same plan (its files unchecked)."""
     try:
         state = json.loads(task.state_path.read_text())
     except (OSError, ValueError):
         return None
     if state.get("fingerprint") != task.fingerprint or state.get("records") != task.records_digest():
         return None
-    if state.get("file") is None:
+    if state.get("file") not in (None, task.tar_rel):  # written for another --format
+        return None
+    return state
+
+
+def _reusable(task: ShardTask, current_betons: frozenset[str] = frozenset()) -> dict | None:
+    """The state of a shard finished by an earlier run with the same plan, if its files are there
+    (or, for the work files of an ffcv-only conversion, if its split's .beton is current)."""
+    state = _finished_state(task)
+    if state is None or state.get("file") is None or task.split in current_betons:
         return state
     out = Path(task.out)
     tar, idx = out / state["file"], out / state["index"]
@@ -227,22 +251,45 @@ def _reusable(task: ShardTask) -> dict | None:
 # --------------------------------------------------------------------------------- orchestration
 
 def convert(src: Path, out: Path, settings: ConvertSettings, workers: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
-    """Convert SRC into shards under OUT; returns the manifest (also written to OUT/manifest.json)."""
+            overwrite: bool = False, progress: bool = True, fmt: str = "wds",
+            beton: BetonSettings | None = None) -> dict:
+    """Convert SRC into shards (and/or .beton files, `fmt`) under OUT; returns the manifest (also
+    written to OUT/manifest.json)."""
     from mopro_fast import __version__  # light: the package's __init__ imports nothing heavy
 
     settings.check()
+    if fmt not in OUTPUT_FORMATS:
+        raise ConvertError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    formats = OUTPUT_FORMATS[fmt]
+    beton = beton or BetonSettings()
+    if "ffcv" in formats:
+        from data_tools.beton import require_ffcv
+
+        try:
+            beton.check()
+            require_ffcv()
+        except BetonError as exc:
+            raise ConvertError(str(exc)) from None
     src, out = Path(src), Path(out)
     try:
         splits, synsets = list_splits(src, settings)
     except ListingError as exc:
         raise ConvertError(str(exc)) from None
     _prepare_out(out, settings, overwrite)
+    prefix = "" if "wds" in formats else WORK + "/"
     for name in splits:
-        (out / name).mkdir(exist_ok=True)
-    tasks = plan(splits, settings, out)
-    states = _run_all(tasks, settings, workers or os.cpu_count() or 1, progress)
-    _remove_stale(out, splits, tasks)
+        (out / prefix / name).mkdir(parents=True, exist_ok=True)
+    tasks = plan(splits, settings, out, prefix)
+    current = _current_betons(out, splits, tasks, beton) if formats == ("ffcv",) else frozenset()
+    states = _run_all(tasks, settings, workers or os.cpu_count() or 1, progress, current)
+    _remove_stale(out, splits, tasks, formats)
+    betons = {}
+    if "ffcv" in formats:
+        for name in splits:
+            betons[name] = _write_beton(out, name, [(t, states[t.name]) for t in tasks if t.split == name], beton,
+                                        settings.seed, progress)
+        if formats == ("ffcv",):
+            shutil.rmtree(out / WORK, ignore_errors=True)
 
     manifest = {
         "format": FORMAT,
@@ -257,11 +304,88 @@ def convert(src: Path, out: Path, settings: ConvertSettings, workers: int | None
                     for i, s in enumerate(synsets[:num_classes(settings, synsets)])],
         "splits": {},
     }
+    if formats != ("wds",):  # (a wds-only manifest stays byte-identical to earlier versions)
+        from importlib.metadata import version
+
+        manifest["formats"] = list(formats)
+        manifest["ffcv"] = {"settings": asdict(beton), "fields": FIELDS_DOC, "page_size": PAGE_SIZE,
+                            "ffcv_version": version("ffcv"), "file_version": 2}
     for name, split in splits.items():
         manifest["splits"][name] = _split_summary(split, [(t, states[t.name]) for t in tasks if t.split == name],
                                                   num_classes(settings, synsets))
+        if "wds" not in formats:
+            manifest["splits"][name]["shards"] = []  # work files, gone
+        if name in betons:
+            manifest["splits"][name]["beton"] = betons[name]
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+# ------------------------------------------------------------------------------------ FFCV .beton
+
+def _beton_state_path(out: Path, split: str) -> Path:
+    return out / BETON_STATE / f"{split}.json"
+
+
+def _beton_key(done: list[tuple[ShardTask, dict]], beton: BetonSettings) -> dict:
+    """What decides a split's .beton bytes: the shards (by sha256, in plan order) and the settings."""
+    return {"shards": [state.get("sha256") for _task, state in done], "settings": asdict(beton),
+            "fingerprint": done[0][0].fingerprint if done else None}
+
+
+def _beton_current(out: Path, split: str, key: dict) -> dict | None:
+    """The recorded summary of split's .beton if the file on disk was written from exactly `key`."""
+    try:
+        state = json.loads(_beton_state_path(out, split).read_text())
+    except (OSError, ValueError):
+        return None
+    path = out / f"{split}.beton"
+    if state.get("key") != key or not path.is_file() or path.stat().st_size != state["summary"]["bytes"]:
+        return None
+    return state["summary"]
+
+
+def _current_betons(out: Path, splits: dict[str, Split], tasks: list[ShardTask], beton: BetonSettings) -> frozenset:
+    """Splits whose .beton is current given the shard states already on disk (ffcv-only resume)."""
+    current = set()
+    for name in splits:
+        done = [(t, _finished_state(t)) for t in tasks if t.split == name]
+        if all(state is not None for _t, state in done) and _beton_current(out, name, _beton_key(done, beton)):
+            current.add(name)
+    return frozenset(current)
+
+
+def _write_beton(out: Path, split: str, done: list[tuple[ShardTask, dict]], beton: BetonSettings, seed: int,
+                 progress: bool) -> dict:
+    """Write (or reuse) OUT/<split>.beton from the split's finished shards; returns its manifest entry."""
+    from tqdm import tqdm
+
+    from data_tools.beton import write_beton
+
+    key = _beton_key(done, beton)
+    summary = _beton_current(out, split, key)
+    if summary is not None:
+        return summary
+    path = out / f"{split}.beton"
+    total = sum(state["samples"] for _t, state in done)
+
+    def samples():
+        for _task, state in done:
+            if state["file"] is not None:
+                for _key, fields in read_samples(out / state["file"]):
+                    yield (fields["jpg"], int.from_bytes(fields["lbl"], "little", signed=True),
+                           int.from_bytes(fields["sid"], "little", signed=True))
+
+    with tqdm(total=total, unit="img", desc=f"ffcv {split}", disable=not progress) as bar:
+        try:
+            counts = write_beton(path, samples(), total, beton, seed, split, tick=lambda: bar.update(1))
+        except BetonError as exc:
+            raise ConvertError(str(exc)) from None
+    summary = {"file": path.name, "samples": counts["samples"], "jpg": counts["jpg"], "raw": counts["raw"],
+               "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    _beton_state_path(out, split).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(_beton_state_path(out, split), {"key": key, "summary": summary})
+    return summary
 
 
 def _split_summary(split: Split, done: list[tuple[ShardTask, dict]], k: int) -> dict:
@@ -294,13 +418,14 @@ def _split_summary(split: Split, done: list[tuple[ShardTask, dict]], k: int) -> 
             "rejects": rejects, "repaired": repaired}
 
 
-def _run_all(tasks: list[ShardTask], settings: ConvertSettings, workers: int, progress: bool) -> dict[str, dict]:
+def _run_all(tasks: list[ShardTask], settings: ConvertSettings, workers: int, progress: bool,
+             current_betons: frozenset[str] = frozenset()) -> dict[str, dict]:
     from tqdm import tqdm
 
     states: dict[str, dict] = {}
     todo = []
     for task in tasks:
-        state = _reusable(task)
+        state = _reusable(task, current_betons)
         if state is not None:
             states[task.name] = state
         else:
@@ -367,16 +492,28 @@ def _clear(out: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _remove_stale(out: Path, splits: dict[str, Split], tasks: list[ShardTask]) -> None:
-    """Drop shards and states an earlier, larger plan left behind."""
+def _remove_stale(out: Path, splits: dict[str, Split], tasks: list[ShardTask],
+                  formats: tuple[str, ...] = ("wds",)) -> None:
+    """Drop shards, .beton files and states that an earlier, larger plan or another --format left behind."""
     keep = {t.name for t in tasks}
     for path in list((out / ".state").glob("*-*.json")):
         if path.stem not in keep:
             path.unlink()
     for split in splits:
-        (out / split).mkdir(exist_ok=True)
-        for path in (out / split).iterdir():
-            if path.suffix in (".tar", ".idx") and path.stem not in keep:
-                path.unlink()
+        for folder, wanted in ((out / split, "wds" in formats), (out / WORK / split, formats == ("ffcv",))):
+            if wanted:
+                folder.mkdir(parents=True, exist_ok=True)
+            elif not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if path.suffix in (".tar", ".idx") and (not wanted or path.stem not in keep):
+                    path.unlink()
+            if not wanted and not any(folder.iterdir()):
+                folder.rmdir()
+    if "wds" in formats:
+        shutil.rmtree(out / WORK, ignore_errors=True)
+    for path in list(out.glob("*.beton")) + list((out / BETON_STATE).glob("*.json")):
+        if "ffcv" not in formats or path.stem not in splits:
+            path.unlink()
 
 

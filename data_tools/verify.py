@@ -3,7 +3,8 @@
 Checks per shard: the file is there, its size and sha256 match, the tar reads to the end, the
 sample count matches, every sample has all fields, its JPEG decodes, its binary label and index
 agree with its text label and metadata, and the index file equals the one rebuilt from the tar.
-Per split: the samples add up to `num_written`, and `written + rejected = listed`.
+Per split: the samples add up to `num_written`, and `written + rejected = listed`. An FFCV
+`.beton` (convert --format ffcv|both) is checked for size, sha256 and its header's sample count.
 """
 
 from __future__ import annotations
@@ -64,12 +65,32 @@ def verify(out: Path, decode: bool = True, progress: bool = False) -> Report:
                 report.samples += count
                 report.shards += 1
                 bar.update(1)
+            if "beton" in split:
+                _check_beton(out, split["beton"], split["num_written"], report)
+            if not split["shards"] and "beton" in split:
+                seen = split["num_written"]  # ffcv only: the .beton holds the samples (checked above)
             if seen != split["num_written"]:
                 report.problems.append(f"{name}: {seen} samples in shards, manifest says {split['num_written']}")
             if split["num_written"] + split["num_rejected"] != split["num_listed"]:
                 report.problems.append(f"{name}: written {split['num_written']} + rejected "
                                        f"{split['num_rejected']} != listed {split['num_listed']}")
     return report
+
+
+def _check_beton(out: Path, beton: dict, num_written: int, report: Report) -> None:
+    path = out / beton["file"]
+    if not path.is_file():
+        report.problems.append(f"{beton['file']}: missing")
+        return
+    if path.stat().st_size != beton["bytes"]:
+        report.problems.append(f"{beton['file']}: {path.stat().st_size} bytes, manifest says {beton['bytes']}")
+    elif sha256_file(path) != beton["sha256"]:
+        report.problems.append(f"{beton['file']}: sha256 differs from the manifest (file changed or corrupt)")
+    with open(path, "rb") as fh:  # FFCV header: version u16, fields u16, page size u32, samples u64
+        head = fh.read(16)
+    samples = struct.unpack("<Q", head[8:16])[0] if len(head) == 16 else -1
+    if samples != num_written or beton["samples"] != num_written:
+        report.problems.append(f"{beton['file']}: {samples} samples in its header, manifest says {num_written}")
 
 
 def _check_shard(out: Path, shard: dict, report: Report, decode: bool) -> int:

@@ -155,7 +155,7 @@ def test_demo_recipe_trains_and_evaluates_with_dali(small_shards: Path, small_fi
 
 
 def test_bench_loader_quick_json() -> None:
-    result = run_cli("bench", "loader", "--quick", "--json", cwd=REPO)
+    result = run_cli("bench", "loader", "--quick", "--backend", "torch", "--backend", "dali", "--json", cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
     assert set(out["img_s"]) == {"torch", "dali"} and all(v > 0 for v in out["img_s"].values())

@@ -26,6 +26,12 @@ def environment(device: str = "cpu") -> dict:
             except Exception:  # noqa: BLE001 - a missing optional library is simply not listed
                 continue
         info[name.replace("nvidia.", "").replace("PIL", "pillow")] = getattr(module, "__version__", "?")
+    try:  # ffcv's own __version__ is stale (1.0.2 says 0.0.3rc1): ask the installed distribution
+        from importlib.metadata import version
+
+        info["ffcv"] = version("ffcv")
+    except Exception:  # noqa: BLE001 - not installed
+        pass
     if device.startswith("cuda"):
         import torch
 

@@ -1,13 +1,17 @@
 """`mopro-fast bench loader`: two-view training images/s of the loader backends, same shards, same run.
 
 Every backend gets the same shards, split, resolution, batch size and worker count (DataLoader
-processes for torch, DALI threads for dali) on the CPU. Per backend: build the training loader,
-let `warmup` batches pass untimed (worker start-up, page cache, pipeline prefetch), then time
-`windows` windows of `window_batches` batches each; images/s is the median over windows. One
-"image" is one sample with both of its views made (a weak and a strong crop of one decode).
+processes for torch, DALI threads for dali, FFCV/numba threads for ffcv, which reads the .beton
+written from the same shards) on the CPU. Per backend: build the training loader and time it to
+its first batch (`first_batch_s`: start-up, FFCV's numba JIT, DALI's pipeline build), let
+`warmup` more batches pass untimed (page cache, prefetch), then time `windows` windows of
+`window_batches` batches each; images/s is the median over windows. One "image" is one sample
+with both of its views made (a weak and a strong crop of one decode).
 Without `--shards`, realistic shards are made on the spot: the built-in data set rendered at
 `--image-size` px (shorter side), converted with `--max-side` (default 384: stored images of
-about 384 x 450-510 px, web-like sizes; `mopro-fast convert`'s own default is 256).
+about 384 x 450-510 px, web-like sizes; `mopro-fast convert`'s own default is 256), with
+`--format both` when ffcv is measured (FFCV's default write options). With `--shards`, ffcv needs
+a conversion made with `--format both`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import click
 
 from mopro_fast.bench.common import emit, environment
 
-BACKENDS = ("torch", "dali", "dali-roi")
+BACKENDS = ("torch", "dali", "dali-roi", "ffcv")
 # "dali-roi": the dali backend with two ROI decodes per image (each decodes only its crop's region)
 # instead of its default of one decode and two crops; measured to pick the DALI default.
 VARIANTS = {"dali-roi": ("dali", {"decode": "roi"})}
@@ -45,14 +49,15 @@ def available_backends() -> list[str]:
 
 
 def make_shards(out: Path, classes: int, per_class: int, image_size: int, shard_size: int,
-                max_side: int = 384) -> Path:
-    """Built-in data set at `image_size` px converted to shards under `out`; returns the shards folder."""
+                max_side: int = 384, fmt: str = "wds") -> Path:
+    """Built-in data set at `image_size` px converted to shards (`fmt`) under `out`; returns the shards folder."""
     from data_tools.convert import ConvertSettings, convert
     from data_tools.fixture import FixtureSpec, make_fixture
 
     make_fixture(out / "src", FixtureSpec(classes=classes, train_per_class=per_class, val_per_class=0,
                                           imagenet_per_class=0, image_size=image_size, seed=0))
-    convert(out / "src", out / "shards", ConvertSettings(shard_size=shard_size, max_side=max_side), progress=False)
+    convert(out / "src", out / "shards", ConvertSettings(shard_size=shard_size, max_side=max_side), progress=False,
+            fmt=fmt)
     return out / "shards"
 
 
@@ -61,13 +66,16 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
     """Median two-view images/s of one backend's training loader over timed windows of batches."""
     from mopro_fast.data import build_train_loader
 
-    steps = warmup + windows * window_batches
+    steps = 1 + warmup + windows * window_batches
     backend, extra = VARIANTS.get(backend, (backend, {}))
+    start = time.perf_counter()
     loader = build_train_loader(backend, **extra, shards=shards, split=split, batch_size=batch_size, resolution=resolution,
                                 workers=workers, shuffle_buffer=1000, seed=0, rank=0, world_size=1, device="cpu",
                                 steps_per_epoch=steps)
     loader.set_epoch(0)
     it = iter(loader)
+    next(it)
+    first_s = time.perf_counter() - start  # build + first batch (JIT/compile, worker start-up)
     start = time.perf_counter()
     for _ in range(warmup):
         next(it)
@@ -82,7 +90,7 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
         pass
     rates = [batch_size * window_batches / t for t in times]
     return {"img_s": round(statistics.median(rates), 1), "window_img_s": [round(r, 1) for r in rates],
-            "warmup_s": round(warm_s, 2)}
+            "first_batch_s": round(first_s, 2), "warmup_s": round(warm_s, 2)}
 
 
 def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int, batch_size: int,
@@ -92,15 +100,19 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
         made = shards is None
         if made:
             shard_size = max(50, classes * per_class // 8)
-            shards = make_shards(Path(tmp), classes, per_class, image_size, shard_size, max_side)
+            shards = make_shards(Path(tmp), classes, per_class, image_size, shard_size, max_side,
+                                 fmt="both" if "ffcv" in backends else "wds")
         from mopro_fast.data.manifest import read_manifest
 
         samples = read_manifest(shards).num_written(split)
         per_backend = {b: measure(b, shards, split, resolution, batch_size, workers, warmup, windows, window_batches)
                        for b in backends}
-    result = {"bench": "loader", "img_s": {b: r["img_s"] for b, r in per_backend.items()}}
+    result = {"bench": "loader", "img_s": {b: r["img_s"] for b, r in per_backend.items()},
+              "first_batch_s": {b: r["first_batch_s"] for b, r in per_backend.items()}}
     if "torch" in per_backend and "dali" in per_backend:
         result["ratio_dali_torch"] = round(per_backend["dali"]["img_s"] / per_backend["torch"]["img_s"], 2)
+    if "torch" in per_backend and "ffcv" in per_backend:
+        result["ratio_ffcv_torch"] = round(per_backend["ffcv"]["img_s"] / per_backend["torch"]["img_s"], 2)
     if "dali" in per_backend and "dali-roi" in per_backend:
         result["ratio_dali_roi_vs_once"] = round(per_backend["dali-roi"]["img_s"] / per_backend["dali"]["img_s"], 2)
     result["details"] = per_backend
@@ -117,12 +129,12 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 
 @click.command("loader")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
-              help="Backend to measure (repeatable) [default: torch and dali, if installed; dali-roi = "
+              help="Backend to measure (repeatable) [default: torch, and dali and ffcv if installed; dali-roi = "
                    "dali with two ROI decodes instead of one decode and two crops].")
 @click.option("--res", "resolution", default=224, show_default=True, help="Crop size of both views.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(1),
-              help="DataLoader workers (torch) = DALI threads (dali) [default: all cores].")
+              help="DataLoader workers (torch) = DALI threads (dali) = FFCV threads (ffcv) [default: all cores].")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Existing shards folder (with manifest.json) instead of generated ones.")
 @click.option("--split", default="train", show_default=True)
@@ -139,11 +151,20 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, workers: int | None,
                  shards: Path | None, split: str, warmup: int, windows: int, window_batches: int, classes: int,
                  per_class: int, image_size: int, max_side: int, quick: bool, as_json: bool) -> None:
-    """Two-view training images/s of the torch and dali loaders on the same shards (CPU)."""
+    """Two-view training images/s of the torch, dali and ffcv loaders on the same images (CPU).
+
+    Also reports each backend's time to its first batch (`first_batch_s`, FFCV's JIT included)."""
     chosen = list(backends) or available_backends()
     if quick:
         resolution, batch_size, warmup, windows, window_batches = 64, 16, 1, 2, 2
         classes, per_class, image_size = 4, 20, 160
-    result = run_loader_bench(chosen, shards, split, resolution, batch_size, workers or os.cpu_count() or 1,
-                              warmup, windows, window_batches, classes, per_class, image_size, max_side)
+    from mopro_fast.data import BackendUnavailable
+    from mopro_fast.data.manifest import ManifestError
+
+    try:
+        result = run_loader_bench(chosen, shards, split, resolution, batch_size, workers or os.cpu_count() or 1,
+                                  warmup, windows, window_batches, classes, per_class, image_size, max_side)
+    except (BackendUnavailable, ManifestError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
     emit(result, as_json)

@@ -44,6 +44,9 @@ class Manifest:
     def shards(self, name: str, check_files: bool = True) -> list[ShardInfo]:
         """The shards of split `name`, in manifest order (the order convert wrote them)."""
         info = self.split(name)
+        if not info["shards"] and int(info["num_written"]) and "beton" in info:
+            raise ManifestError(f"{self.root} holds FFCV .beton files only (convert --format ffcv): use "
+                                f"loader.backend=ffcv, or convert with --format both for the other backends")
         shards = [ShardInfo(self.root / s["file"], int(s["samples"])) for s in info["shards"]]
         if sum(s.samples for s in shards) != int(info["num_written"]):
             raise ManifestError(f"{self.root / MANIFEST}: split {name!r} lists shards with "

@@ -1,0 +1,249 @@
+"""Loader backend `ffcv`: FFCV 1.0.2 reads the split's `.beton` (written by `convert --format ffcv|both`).
+
+Per batch (DESIGN.md section 3): FFCV's compiled, memory-mapped loader runs our `TwoViewDecoder`
+(mopro_fast.data.ffcv_ops: one decode per image, both random resized crops with flips) on
+`workers` threads; then, on the training device, the strong view's grayscale and colour jitter as
+batched tensor ops (mopro_fast.data.color) and the ImageNet normalisation to float32, channels-last
+when asked (mopro_fast.data.batch). Evaluation runs `EvalDecoder` (`views.eval_view` exactly).
+The training crops are resized with FFCV's OpenCV INTER_AREA kernel, not torchvision's
+antialiased bilinear; the colour ops follow torchvision's formulas in float.
+
+Epochs and ranks (the `distributed=True` of FFCV, done here so it follows our plan): the split's
+samples are laid in a random order seeded by (seed, epoch, pass), passes end to end, and rank r
+takes positions [r S B, (r + 1) S B) of that stream (S = steps_per_epoch, B = batch size): random
+order, the same S batches on every rank, ranks disjoint within an epoch when R S B <= N.
+`set_epoch(e, start_step=k)` starts at batch k of the same order without reading the skipped
+ones. The views are a pure function of (seed, rank, epoch order) (ffcv_ops: hashed draws) and the
+colour parameters of batch k come from a generator seeded with (seed, epoch, rank, k), so a
+resumed epoch repeats an uninterrupted one batch for batch. `shuffle_buffer` is not used: FFCV
+reads in a fully random order. `set_resolution` rebuilds the FFCV loader (and pays its JIT again).
+
+JIT: FFCV compiles the pipeline with numba at the first batch of a new loader (seconds); the
+`bench loader` report gives it separately as `first_batch_s`. FFCV's `Compiler.set_num_threads`
+also sets torch's intra-op thread count; we keep numba's half of it, so the trainer's torch
+threads stay as the run configured them.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import IS_CUDA
+from ffcv.pipeline import PipelineSpec
+from ffcv.traversal_order.base import TraversalOrder
+
+from mopro_fast.data.batch import Batch, EvalBatch, finish_images, normalize_uint8
+from mopro_fast.data.color import apply_strong_color, sample_strong_color
+from mopro_fast.data.epochs import EpochPlan, check_loader_args
+from mopro_fast.data.ffcv_ops import EvalDecoder, TwoViewDecoder, read_params
+from mopro_fast.data.manifest import ManifestError, read_manifest
+from mopro_fast.data.stream import eval_window, mix_seed
+
+TAG_ORDER, TAG_CROPS, TAG_COLOR = 11, 12, 13  # keep these seeds apart from stream.py's tags
+
+
+
+
+def beton_path(shards: Path | str, split: str) -> tuple[Path, int]:
+    """(path of split's .beton, its sample count) from the manifest; ManifestError when there is none."""
+    manifest = read_manifest(shards)
+    info = manifest.split(split).get("beton")
+    if not info:
+        raise ManifestError(f"split {split!r} of {manifest.root} has no FFCV .beton; convert with "
+                            f"--format ffcv or --format both")
+    path = manifest.root / info["file"]
+    if not path.is_file():
+        raise ManifestError(f"{path} is listed in the manifest but missing; re-run the same convert command")
+    return path, int(info["samples"])
+
+
+def epoch_order(num_samples: int, batch_size: int, steps: int, rank: int, world_size: int, seed: int,
+                epoch: int, start_step: int = 0) -> np.ndarray:
+    """Sample rows (uint64) of rank `rank`'s batches start_step..steps-1 of `epoch`; see the module docstring."""
+    lo = (rank * steps + start_step) * batch_size
+    hi = (rank + 1) * steps * batch_size
+    first, last = lo // num_samples, (hi - 1) // num_samples
+    stream = np.concatenate([np.random.default_rng(mix_seed(seed, epoch, p, TAG_ORDER)).permutation(num_samples)
+                             for p in range(first, last + 1)]) if hi > lo else np.zeros(0, dtype=np.int64)
+    return stream[lo - first * num_samples:hi - first * num_samples].astype(np.uint64)
+
+
+class _PlanOrder(TraversalOrder):
+    """FFCV traversal order that asks the owning train loader for its epoch's rows.
+
+    FFCV's `Loader(order=...)` takes a TraversalOrder instance and calls it with the loader.
+    """
+
+    def __init__(self, owner: "FfcvTrainLoader"):
+        self.owner = owner
+        self.full = True  # while FFCV sizes the loader: the whole epoch
+
+    def __call__(self, loader):
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        o = self.owner
+        return epoch_order(o.num_samples, o.batch_size, o.steps_per_epoch, o.rank, o.world_size, o.seed,
+                           o.epoch, 0 if self.full else o.start_step)
+
+
+def _batches(loader: Loader) -> Iterator[tuple]:
+    """Iterate an FFCV loader, failing instead of hanging when its pipeline thread dies.
+
+    FFCV's EpochIterator runs the compiled pipeline on a thread; an exception there (a JIT typing
+    error, a corrupt image) ends the thread and leaves `__next__` waiting forever on its queue.
+    """
+    it = iter(loader)
+    try:
+        while True:
+            try:
+                item = it.output_queue.get(timeout=1.0)
+            except queue.Empty:
+                if not it.is_alive() and it.output_queue.empty():
+                    raise RuntimeError(f"the FFCV pipeline thread of {loader.fname} died (its traceback is above)")
+                continue
+            if item is None:
+                return
+            slot, result = item
+            if IS_CUDA:  # as EpochIterator.__next__: wait for the slot's copy stream
+                it.current_stream.wait_stream(it.cuda_streams[slot])
+            yield result
+    finally:
+        it.close()
+
+
+def _pipelines(image_decoder) -> dict:
+    # PipelineSpec names the decoder: a bare list would put FFCV's default decoder in front of ours.
+    return {"image": PipelineSpec("image", decoder=image_decoder), "label": PipelineSpec("label", decoder=IntDecoder()),
+            "index": PipelineSpec("index", decoder=IntDecoder())}
+
+
+def _own(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A host copy of uint8 images out of FFCV's buffer (FFCV reuses it a few batches later, and an
+    asynchronous copy to the GPU could still be reading it then)."""
+    return images.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _int_column(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    # A copy: FFCV reuses its output buffers a few batches later.
+    return torch.from_numpy(array.reshape(-1).astype(np.int64)).to(device, non_blocking=True)
+
+
+class FfcvTrainLoader(EpochPlan):
+    """Training batches (`Batch`) of one rank from the split's .beton: `steps_per_epoch` per epoch.
+
+    Same arguments as `TorchTrainLoader` (plus `debug`: yield `(batch, params)` with the sampled
+    crops, flips and grayscale flags); `workers` = FFCV/numba threads, `prefetch` = FFCV's
+    batches_ahead, `shuffle_buffer` and `hw_decoder_load` unused.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
+                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
+                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
+                 hw_decoder_load: float = 0.0, debug: bool = False):
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
+        self._beton, self.num_samples = beton_path(shards, split)
+        if self.num_samples == 0:
+            raise ValueError(f"split {split!r} of {shards} has no samples")
+        self.batch_size, self.workers, self.seed, self.prefetch = batch_size, workers, seed, prefetch
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last, self.debug = channels_last, debug
+        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
+        self.resolution = resolution
+        self._loader = None
+
+    def set_resolution(self, resolution: int) -> None:
+        """The crop size of the views from the next iteration on (rebuilds the FFCV loader)."""
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if resolution != self.resolution:
+            self.resolution, self._loader = resolution, None
+
+    def _build(self) -> Loader:
+        self._order = _PlanOrder(self)
+        loader = Loader(str(self._beton), batch_size=self.batch_size, num_workers=max(self.workers, 1), os_cache=True,
+                        order=self._order, seed=self.seed, drop_last=True, batches_ahead=max(self.prefetch, 1),
+                        pipelines=_pipelines(TwoViewDecoder(self.resolution, mix_seed(self.seed, self.rank, TAG_CROPS))))
+        self._order.full = False
+        return loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._loader is None:
+            self._loader = self._build()
+        res, dev = self.resolution, self.device
+        step = self.start_step
+        generator = torch.Generator()
+        for images, label, index in _batches(self._loader):
+            out = torch.from_numpy(images)  # B x 2 x (res + 1) x res x 3 uint8, FFCV's buffer
+            view_q = _own(out[:, 0, :res].permute(0, 3, 1, 2), self.channels_last)  # B x 3 x res x res uint8
+            view_k = _own(out[:, 1, :res].permute(0, 3, 1, 2), self.channels_last)
+            generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank, step, TAG_COLOR) & ((1 << 63) - 1))
+            color = sample_strong_color(len(out), generator)
+            strong = apply_strong_color(view_k.to(dev, non_blocking=True).float(), color)  # B x 3 x res x res, 0..255
+            if self.channels_last:
+                strong = strong.contiguous(memory_format=torch.channels_last)
+            batch = Batch(finish_images(view_q, dev, self.channels_last), normalize_uint8(strong),
+                          _int_column(label, dev), _int_column(index, dev))
+            if self.debug:
+                q, k = read_params(images[:, 0, res]), read_params(images[:, 1, res])
+                yield batch, {"flip_q": q["flip"], "flip_k": k["flip"], "gray": color.gray.numpy(),
+                              "crop_q": _fractions(q), "crop_k": _fractions(k), "color": color}
+            else:
+                yield batch
+            step += 1
+        if step != self._steps:
+            raise RuntimeError(f"ffcv loader stopped after step {step - 1} of {self._steps}")
+
+
+def _fractions(p: dict[str, np.ndarray]) -> np.ndarray:
+    """N x 4 (top, left, height, width) of the crops as fractions of the source image (as DALI's debug)."""
+    h, w = p["src_height"].astype(np.float64), p["src_width"].astype(np.float64)
+    return np.stack([p["top"] / h, p["left"] / w, p["height"] / h, p["width"] / w], axis=1)
+
+
+class FfcvEvalLoader:
+    """Eval batches (`EvalBatch`) of one rank from the split's .beton: its share, in file order.
+
+    Same arguments as `TorchEvalLoader`; rank r reads rows [N r / R, N (r + 1) / R) (every sample
+    once over all ranks). The view is `views.eval_view` (ffcv_ops.EvalDecoder), normalised.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
+                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
+                 prefetch: int = 2, hw_decoder_load: float = 0.0):
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
+        if resize < resolution:
+            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
+        self._beton, self.num_samples = beton_path(shards, split)
+        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last, self.prefetch = channels_last, prefetch
+        self.share = eval_window(self.num_samples, rank, world_size, 1, 0)
+        self._loader = None
+
+    def __len__(self) -> int:
+        return -(-(self.share[1] - self.share[0]) // self.batch_size)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        if self.share[1] == self.share[0]:
+            return
+        if self._loader is None:
+            self._loader = Loader(str(self._beton), batch_size=self.batch_size, num_workers=max(self.workers, 1),
+                                  os_cache=True, order=OrderOption.SEQUENTIAL, drop_last=False,
+                                  indices=np.arange(*self.share), batches_ahead=max(self.prefetch, 1),
+                                  pipelines=_pipelines(EvalDecoder(self.resize, self.resolution)), seed=0)
+        for images, label, index in _batches(self._loader):
+            image = _own(torch.from_numpy(images).permute(0, 3, 1, 2), self.channels_last)  # b x 3 x res x res uint8
+            yield EvalBatch(finish_images(image, self.device, self.channels_last), _int_column(label, self.device),
+                            _int_column(index, self.device))
+
+
+# The names the backend factory (mopro_fast.data.build_*_loader) looks up.
+TrainLoader = FfcvTrainLoader
+EvalLoader = FfcvEvalLoader
