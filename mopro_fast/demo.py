@@ -20,8 +20,9 @@ from pathlib import Path
 import click
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_cpu.yaml"
-# The demo's web noise: 30 % of the training labels flipped and 10 % out-of-distribution images.
-DEMO_NOISE, DEMO_OOD = 0.3, 0.1
+# The demo's data: 60 training images per class, 40 % of the labels flipped to another class and
+# 10 % out-of-distribution images (a regime where cross-entropy fits the noise; see the recipe).
+DEMO_PER_CLASS, DEMO_NOISE, DEMO_OOD = 60, 0.4, 0.1
 
 
 @click.command("demo")
@@ -50,7 +51,8 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
         click.echo(f"[1/{steps}] writing the built-in data set to {fixture} ...")
         if fixture.exists():
             shutil.rmtree(fixture)  # a half-written fixture from an interrupted demo
-        make_fixture(fixture, FixtureSpec(seed=seed, noise=DEMO_NOISE, ood=DEMO_OOD, val_per_class=50,
+        make_fixture(fixture, FixtureSpec(seed=seed, train_per_class=DEMO_PER_CLASS, noise=DEMO_NOISE, ood=DEMO_OOD,
+                                          val_per_class=50,
                                           imagenet_per_class=50, corrupt=True), progress=progress)
     else:
         click.echo(f"[1/{steps}] built-in data set already at {fixture}")
