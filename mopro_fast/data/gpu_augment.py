@@ -26,6 +26,16 @@ from torch import Tensor
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # op codes, in views.JITTER_OPS order
 IDENTITY = 4
 _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor on `device`, copied there once (a host-to-device copy per batch would
+    make the host wait for the stream)."""
+    key = (values, dtype, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -75,7 +85,7 @@ def hsv_to_rgb(hsv: Tensor) -> Tensor:
     `v - v * s * clamp(min(k, 4 - k), 0, 1)` with `k = (n + 6 h) mod 6`.
     """
     h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]  # each B x 1 x H x W
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).view(1, 3, 1, 1)
+    n = constant((5.0, 3.0, 1.0), hsv.dtype, hsv.device).view(1, 3, 1, 1)
     k = (n + h * 6) % 6  # B x 3 x H x W
     return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
 

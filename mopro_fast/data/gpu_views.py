@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mopro_fast.data.gpu_augment import color_jitter, random_grayscale
+from mopro_fast.data.gpu_augment import color_jitter, constant, random_grayscale
 from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER, eval_size
 
 _TRIES = 10  # torchvision's RandomResizedCrop tries before the centre-crop fallback
@@ -91,7 +91,7 @@ def sample_crops(u: Tensor, heights: Tensor, widths: Tensor) -> Crops:
     w = torch.round(torch.sqrt(target * ratio))  # round half to even, as Python's round
     h = torch.round(torch.sqrt(target / ratio))
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)  # B x 10
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first try that fits (0 if none)
+    first = fits.long().argmax(dim=1, keepdim=True)  # first try that fits (0 if none)
     found = fits.any(dim=1)  # B
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]  # B
     H, W = H[:, 0], W[:, 0]
@@ -113,8 +113,8 @@ def sample_params(generator: torch.Generator, heights: Tensor, widths: Tensor) -
     uq, uk = u[:, :_WEAK_U], u[:, _WEAK_U:]
     weak = ViewBatchParams(sample_crops(uq[:, :_CROP_U], heights, widths), flip=uq[:, _CROP_U] < FLIP_P)
     rest = uk[:, _CROP_U:]  # gray, 4 factors, 4 order keys, flip
-    lo = torch.tensor([1 - JITTER] * 3 + [-HUE], dtype=torch.float64, device=u.device)
-    hi = torch.tensor([1 + JITTER] * 3 + [HUE], dtype=torch.float64, device=u.device)
+    lo = constant((1 - JITTER,) * 3 + (-HUE,), torch.float64, u.device)
+    hi = constant((1 + JITTER,) * 3 + (HUE,), torch.float64, u.device)
     strong = ViewBatchParams(sample_crops(uk[:, :_CROP_U], heights, widths), flip=rest[:, 9] < FLIP_P,
                              gray=rest[:, 0] < GRAY_P, factors=lo + (hi - lo) * rest[:, 1:5],
                              order=rest[:, 5:9].argsort(dim=1))  # a random permutation, as ColorJitter
@@ -146,6 +146,13 @@ def pad_batch(images: list[Tensor], dtype: torch.dtype) -> Tensor:
     """uint8 `3 x H_b x W_b` images -> one `B x 3 x Hmax x Wmax` tensor of `dtype` (zero padded)."""
     nested = torch.nested.as_nested_tensor(images).to(dtype)  # one buffer, one conversion
     return torch.nested.to_padded_tensor(nested, 0.0)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`; on CUDA through pinned memory, so the host does not wait."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _matmul_dtype(device: torch.device) -> torch.dtype:
@@ -180,7 +187,7 @@ def two_views_batch(images: list[Tensor], generator: torch.Generator, res: int
     normalised, and the sampled parameters.
     """
     device = images[0].device
-    sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.long).to(device)  # B x 2 (metadata)
+    sizes = to_device(torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.long), device)  # B x 2
     weak, strong = sample_params(generator, sizes[:, 0], sizes[:, 1])
     padded = pad_batch(images, _matmul_dtype(device))  # B x 3 x Hmax x Wmax
     view_q, view_k = resized_crops(padded, [(weak.crops, weak.flip), (strong.crops, strong.flip)], res)
@@ -201,8 +208,8 @@ def eval_view_batch(images: list[Tensor], resize: int, crop: int) -> Tensor:
     shapes = [tuple(im.shape[-2:]) for im in images]  # host metadata, no sync
     resized = [eval_size(h, w, resize) for h, w in shapes]
     # Centre crop offsets with Python's round (halves to even), as torchvision's center_crop.
-    geometry = torch.tensor([(h, w, rh, rw, round((rh - crop) / 2), round((rw - crop) / 2))
-                             for (h, w), (rh, rw) in zip(shapes, resized)], dtype=torch.float64).to(device)
+    geometry = to_device(torch.tensor([(h, w, rh, rw, round((rh - crop) / 2), round((rw - crop) / 2))
+                                       for (h, w), (rh, rw) in zip(shapes, resized)], dtype=torch.float64), device)
     H, W, rh, rw, top, left = geometry.unbind(1)  # each B
     padded = pad_batch(images, _matmul_dtype(device))
     B, C, P_h, P_w = padded.shape

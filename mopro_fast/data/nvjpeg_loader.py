@@ -40,7 +40,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
-from mopro_fast.data.gpu_views import eval_view_batch, two_views_batch
+from mopro_fast.data.gpu_augment import constant
+from mopro_fast.data.gpu_views import eval_view_batch, to_device, two_views_batch
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.prefetch import prefetch
 from mopro_fast.data.stream import TAG_VIEWS, eval_window, mix_seed, pieces
@@ -68,8 +69,8 @@ def decode_batch(data: torch.Tensor, lengths: torch.Tensor, device: torch.device
 
 def finish(views: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """float `B x 3 x H x W` in [0, 1] -> `(x - mean) / std` in `dtype`, channels-last if asked (one copy)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=views.device).view(1, 3, 1, 1)
-    inv_std = 1 / torch.tensor(IMAGENET_STD, device=views.device).view(1, 3, 1, 1)
+    mean = constant(IMAGENET_MEAN, torch.float32, views.device).view(1, 3, 1, 1)
+    inv_std = constant(tuple(1 / s for s in IMAGENET_STD), torch.float32, views.device).view(1, 3, 1, 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return ((views - mean) * inv_std).to(dtype=dtype, memory_format=fmt)
 
@@ -146,11 +147,11 @@ class NvjpegTrainLoader(EpochPlan):
     def _make(self, item: tuple[int, RawBatch]):
         step, (data, lengths, label, index) = item
         images = decode_batch(data, lengths, self.device)
-        generator = torch.Generator(device=self.device)
+        generator = torch.Generator(device=images[0].device)
         generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank, self.world_size, step, TAG_VIEWS))
         view_q, view_k, (weak, strong) = two_views_batch(images, generator, self.resolution)
         batch = Batch(finish(view_q, self.dtype, self.channels_last), finish(view_k, self.dtype, self.channels_last),
-                      label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+                      to_device(label, self.device), to_device(index, self.device))
         if not self.debug:
             return step, batch
         sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.float64)  # B x 2 (H, W)
@@ -206,8 +207,8 @@ class NvjpegEvalLoader:
     def _make(self, raw: RawBatch) -> EvalBatch:
         data, lengths, label, index = raw
         image = eval_view_batch(decode_batch(data, lengths, self.device), self.resize, self.resolution)
-        return EvalBatch(finish(image, self.dtype, self.channels_last), label.to(self.device, non_blocking=True),
-                         index.to(self.device, non_blocking=True))
+        return EvalBatch(finish(image, self.dtype, self.channels_last), to_device(label, self.device),
+                         to_device(index, self.device))
 
     def __iter__(self) -> Iterator[EvalBatch]:
         if self.num_samples == 0:

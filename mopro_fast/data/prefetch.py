@@ -48,6 +48,8 @@ def prefetch(items: Iterable[T], make: Callable[[T], U], depth: int, device: tor
     out: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # the thread must name the device it works on
+        device = torch.device("cuda", torch.cuda.current_device())
     side = torch.cuda.Stream(device) if cuda else None
 
     def put(entry: Any) -> bool:
