@@ -44,7 +44,8 @@ def test_bench_all_quick_writes_a_valid_report(quick_report: Path) -> None:
     for b in backends:
         e2e = res[f"e2e_{b}"]
         assert e2e["img_s"] > 0 and 0 <= e2e["data_wait"] < 1 and e2e["step_only_img_s"] > 0
-        assert e2e["settings"]["arch"] == report["settings"]["arch"] and e2e["settings"]["batch"] == report["settings"]["batch"]
+        for key in ("arch", "batch", "res"):
+            assert e2e["settings"][key] == report["settings"][key], key
     md = quick_report.with_suffix(".md").read_text()
     table = run_cli("bench", "table", quick_report, cwd=REPO)
     assert table.returncode == 0 and table.stdout == md

@@ -198,12 +198,14 @@ def test_gpu_decode_and_views(small_shards: Path, truth) -> None:
     batches = list(loader)
     for batch in batches:
         for view in (batch.view_q, batch.view_k):
-            assert view.is_cuda and view.dtype == torch.bfloat16 and view.is_contiguous(memory_format=torch.channels_last)
+            assert view.is_cuda and view.dtype == torch.bfloat16
+            assert view.is_contiguous(memory_format=torch.channels_last)
             assert torch.isfinite(view.float()).all()
         assert [truth["train"][i] for i in batch.index.tolist()] == batch.label.tolist()
     kw = dict(shards=small_shards, split="val", batch_size=8, resolution=RES, resize=RES + 4, workers=1, rank=0,
               world_size=1)
-    gpu = {i: x for b in build_eval_loader("nvjpeg", device="cuda", **kw) for i, x in zip(b.index.tolist(), b.image.cpu())}
+    gpu = {i: x for b in build_eval_loader("nvjpeg", device="cuda", **kw)
+           for i, x in zip(b.index.tolist(), b.image.cpu())}
     cpu = {i: x for b in build_eval_loader("torch", device="cpu", **kw) for i, x in zip(b.index.tolist(), b.image)}
     assert gpu.keys() == cpu.keys()
     diff = torch.stack([(gpu[i] - cpu[i]).abs() for i in cpu])  # nvJPEG's IDCT may differ from libjpeg-turbo by a level

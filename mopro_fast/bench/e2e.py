@@ -159,7 +159,12 @@ def e2e_bench(backend: str, arch: str, res: int, batch: int, workers: int | None
               shards: Path | None, split: str, quick: bool, as_json: bool) -> None:
     """Real MoPro training steps from shards: images/s and the share of time spent waiting for data."""
     from mopro_fast.bench.loader import make_shards
+    from mopro_fast.data import BackendUnavailable, _backend
 
+    try:
+        _backend(backend)
+    except BackendUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     if quick:
         arch, res, batch, small_stem, warmup, windows, window_steps = "resnet18", 32, 8, False, 1, 2, 2
     dev = _resolve_device(device)
