@@ -46,6 +46,7 @@ class SuiteSettings:
     batch: int
     precision: str
     channels_last: bool
+    model_classes: int  # K of the step and ema benchmarks (e2e uses the shards' classes)
     compile: tuple[bool, ...]  # step variants: without and/or with torch.compile
     backends: list[str]  # loader benchmark
     e2e_backends: list[str]  # one e2e benchmark each
@@ -73,7 +74,7 @@ def profile(device: str, quick: bool, backends: list[str], e2e_backends: list[st
     if quick:  # seconds on a 2-core CPU
         return SuiteSettings(
             **shared, quick=True, arch="resnet18", small_stem=False, res=32, batch=8,
-            precision="bf16" if cuda else "fp32", channels_last=cuda, compile=(False,), workers=1,
+            precision="bf16" if cuda else "fp32", channels_last=cuda, model_classes=10, compile=(False,), workers=1,
             classes=4, per_class=12, image_size=96, max_side=96,
             convert=dict(classes=2, per_class=10, image_size=128, repeats=1, shard_size=10),
             loader=dict(warmup=1, windows=2, window_batches=1),
@@ -81,8 +82,8 @@ def profile(device: str, quick: bool, backends: list[str], e2e_backends: list[st
             ema=dict(rounds=2, warmup=1), step=dict(rounds=1, warmup=1),
             e2e=dict(warmup=1, windows=2, window_steps=2))
     # Web-like stored sizes: the built-in data at 448 px converted with --max-side 384 (~384 x 450-510 px).
-    shared.update(quick=False, small_stem=False, workers=cpus, classes=10, per_class=200 if cuda else 80,
-                  image_size=448, max_side=384,
+    shared.update(quick=False, small_stem=False, workers=cpus, model_classes=1000,
+                  classes=10, per_class=200 if cuda else 80, image_size=448, max_side=384,
                   convert=dict(classes=10, per_class=100, image_size=500, repeats=3, shard_size=100),
                   loader=dict(warmup=4, windows=5, window_batches=4),
                   proto=dict(batch=2048, classes=1000, rounds=7, fused_per_round=10, warmup=2),
@@ -146,11 +147,11 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
         p, e = s.proto, s.ema
         run("proto", lambda: run_proto_bench(batch=p["batch"], classes=p["classes"], rounds=p["rounds"],
                                              fused_per_round=p["fused_per_round"], warmup=p["warmup"], device=s.device))
-        run("ema", lambda: run_ema_bench(arch=s.arch, classes=s.classes, rounds=e["rounds"], warmup=e["warmup"],
+        run("ema", lambda: run_ema_bench(arch=s.arch, classes=s.model_classes, rounds=e["rounds"], warmup=e["warmup"],
                                          device=s.device))
         for compiled in s.compile:
             run("step_compile" if compiled else "step",
-                lambda compiled=compiled: run_step_bench(s.arch, s.res, s.batch, s.classes, s.device, s.precision,
+                lambda compiled=compiled: run_step_bench(s.arch, s.res, s.batch, s.model_classes, s.device, s.precision,
                                                          compiled, s.small_stem, s.step["rounds"], s.step["warmup"],
                                                          channels_last=s.channels_last))
         for backend in s.e2e_backends:
@@ -184,7 +185,8 @@ def _installed(backends: list[str]) -> list[str]:
 
 @click.command("all")
 @click.option("--quick", is_flag=True, help="Tiny settings (CI: well under a minute on a 2-core CPU).")
-@click.option("--device", default="auto", show_default=True, help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
+@click.option("--device", default="auto", show_default=True,
+              help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Report path [default: benchmarks/results/<device>[-quick]-<date>.json]; the .md goes next to it.")
 @click.option("--backend", "backends", multiple=True,

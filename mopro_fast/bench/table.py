@@ -57,12 +57,13 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         out.append((f"conversion, {r['images']} images of the built-in data at ~{cs['image_size']} px",
                     f"{_num(r['naive_img_s'])} img/s (one process, PIL, a file at a time)",
                     f"{_num(r['fast_1_worker_img_s'])} img/s at 1 worker, {_num(r['fast_all_workers_img_s'])} "
-                    f"at {_plural(r['workers'], 'worker')}", f"{_ratio(r['ratio_1_worker'])} / {_ratio(r['ratio_all_workers'])}"))
+                    f"at {_plural(r['workers'], 'worker')}",
+                    f"{_ratio(r['ratio_1_worker'])} / {_ratio(r['ratio_all_workers'])}"))
     if "loader" in res:
         r = res["loader"]
         ls = r["settings"]
-        what = (f"two-view loader `{{}}`, {ls['resolution']} px, batch {ls['batch_size']}, {_plural(ls['workers'], 'worker')}, "
-                f"on {ls['device']}, {ls['samples']} images stored at ~{s.get('max_side', '?')} px")
+        what = (f"two-view loader `{{}}`, {ls['resolution']} px, batch {ls['batch_size']}, "
+                f"{_plural(ls['workers'], 'worker')}, on {ls['device']}, {ls['samples']} images stored at ~{s.get('max_side', '?')} px")
         base = r["img_s"].get("torch")
         for backend, rate in r["img_s"].items():
             if backend == "torch":

@@ -106,7 +106,8 @@ def sample_crops(u: Tensor, heights: Tensor, widths: Tensor) -> Crops:
     return Crops(pick(top, ftop), pick(left, fleft), pick(h, fh), pick(w, fw))
 
 
-def sample_params(generator: torch.Generator, heights: Tensor, widths: Tensor) -> tuple[ViewBatchParams, ViewBatchParams]:
+def sample_params(generator: torch.Generator, heights: Tensor,
+                  widths: Tensor) -> tuple[ViewBatchParams, ViewBatchParams]:
     """(weak, strong) view parameters of a batch; all draws are one `rand` call on `generator`'s device."""
     B = heights.shape[0]
     u = torch.rand(B, UNIFORMS_PER_SAMPLE, generator=generator, dtype=torch.float64, device=heights.device)
