@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench device-wheels clean
 
 install: $(STAMP)   ## create .venv and install the pinned set (a no-op when .venv is current)
 
@@ -29,8 +29,14 @@ demo: install       ## built-in data -> shards -> verify (and, once the trainer 
 test: install       ## the whole test suite (CPU)
 	$(BIN)/python -m pytest -q
 
-bench: install      ## every benchmark, quick settings
-	$(BIN)/mopro-fast bench convert --json
+bench: install      ## every benchmark, quick settings: one JSON report + markdown table under benchmarks/results/
+	$(BIN)/mopro-fast bench all --quick
+
+WHEELS ?= benchmarks/wheels
+device-wheels:      ## pure-Python wheels benchmarks/device_check.sh installs on a machine without internet (pinned as requirements.lock)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d $(WHEELS) \
+		$$(grep -E '^(webdataset|braceexpand|omegaconf)==' requirements.lock)
+	@ls $(WHEELS)
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

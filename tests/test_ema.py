@@ -144,5 +144,6 @@ def test_bench_ema_command_prints_json():
     result = CliRunner().invoke(ema_bench, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
-    assert {"loop_ms", "fused_ms", "ratio", "max_abs_err", "device", "torch", "settings"} <= set(out)
+    assert {"loop_ms", "fused_ms", "ratio", "max_abs_err", "settings", "env"} <= set(out)
+    assert out["env"]["device"] == "cpu" and out["env"]["torch"]  # environment under "env", as every bench
     assert out["max_abs_err"] <= 1e-6 and out["foreach_max_abs_err"] <= 1e-6

@@ -29,6 +29,13 @@ def _register() -> None:
     from mopro_fast.bench import loader as _loader
 
     bench.add_command(_loader.loader_bench)
+    from mopro_fast.bench import e2e as _e2e
+
+    bench.add_command(_e2e.e2e_bench)
+    from mopro_fast.bench import suite as _suite, table as _table
+
+    bench.add_command(_suite.all_bench)
+    bench.add_command(_table.table_command)
 
 
 _register()

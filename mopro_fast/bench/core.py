@@ -105,6 +105,14 @@ def proto_bench(
     rounds: int, fused_per_round: int, warmup: int, seed: int, device: str, as_json: bool,
 ) -> None:
     """Prototype update: fused closed form vs the original per-sample loop (same inputs)."""
+    emit(run_proto_bench(batch, classes, dim, kept_frac, momentum, dtype, rounds, fused_per_round, warmup, seed,
+                         device), as_json)
+
+
+def run_proto_bench(batch: int = 2048, classes: int = 1000, dim: int = 128, kept_frac: float = 0.9,
+                    momentum: float = 0.999, dtype: str = "float32", rounds: int = 7, fused_per_round: int = 10,
+                    warmup: int = 2, seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """The `bench proto` result as a dict (see the command's options)."""
     import torch
     import torch.nn.functional as F
 
@@ -132,19 +140,18 @@ def proto_bench(
     )
     reference = prototype_update_reference(start.clone(), z, labels, kept, momentum)
     fused = prototype_update(start.clone(), z, labels, kept, momentum)
-    result = {
+    return {
         "bench": "proto",
-        **_environment(dev),
-        "settings": {"batch": batch, "classes": classes, "dim": dim, "kept": kept_frac,
-                     "kept_samples": int(kept.sum()), "momentum": momentum, "dtype": dtype,
-                     "rounds": rounds, "fused_per_round": fused_per_round, "warmup": warmup,
-                     "seed": seed},
         "loop_ms": round(loop_ms, 4),
         "fused_ms": round(fused_ms, 4),
         "ratio": round(loop_ms / fused_ms, 2),
         "max_abs_err": float((fused - reference).abs().max()),
+        "settings": {"batch": batch, "classes": classes, "dim": dim, "kept": kept_frac,
+                     "kept_samples": int(kept.sum()), "momentum": momentum, "dtype": dtype,
+                     "rounds": rounds, "fused_per_round": fused_per_round, "warmup": warmup,
+                     "seed": seed},
+        "env": _environment(dev),
     }
-    emit(result, as_json)
 
 
 @click.command("ema")
@@ -170,6 +177,12 @@ def ema_bench(
     `foreach_ms` is the general `torch._foreach_lerp_` over the parameter lists. The baseline
     updates separately allocated parameters, as in the original code.
     """
+    emit(run_ema_bench(arch, classes, dim, momentum, rounds, warmup, seed, device), as_json)
+
+
+def run_ema_bench(arch: str = "resnet50", classes: int = 1000, dim: int = 128, momentum: float = 0.999,
+                  rounds: int = 20, warmup: int = 3, seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """The `bench ema` result as a dict (see the command's options)."""
     import copy
 
     import torch
@@ -205,17 +218,16 @@ def ema_bench(
         dev, rounds, warmup,
     )
     params = list(query.parameters())
-    result = {
+    return {
         "bench": "ema",
-        **_environment(dev),
-        "settings": {"arch": arch, "classes": classes, "dim": dim, "momentum": momentum,
-                     "tensors": len(params), "parameters": sum(p.numel() for p in params),
-                     "rounds": rounds, "warmup": warmup, "seed": seed},
         "loop_ms": round(loop_ms, 4),
         "fused_ms": round(fused_ms, 4),
         "ratio": round(loop_ms / fused_ms, 2),
         "foreach_ms": round(foreach_ms, 4),
         "foreach_ratio": round(loop_ms / foreach_ms, 2),
         **errors,
+        "settings": {"arch": arch, "classes": classes, "dim": dim, "momentum": momentum,
+                     "tensors": len(params), "parameters": sum(p.numel() for p in params),
+                     "rounds": rounds, "warmup": warmup, "seed": seed},
+        "env": _environment(dev),
     }
-    emit(result, as_json)

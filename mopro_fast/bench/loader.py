@@ -1,12 +1,14 @@
 """`mopro-fast bench loader`: two-view training images/s of the loader backends, same shards, same run.
 
 Every backend gets the same shards, split, resolution, batch size and worker count (DataLoader
-processes for torch, DALI threads for dali, FFCV/numba threads for ffcv, which reads the .beton
-written from the same shards) on the CPU. Per backend: build the training loader and time it to
-its first batch (`first_batch_s`: start-up, FFCV's numba JIT, DALI's pipeline build), let
-`warmup` more batches pass untimed (page cache, prefetch), then time `windows` windows of
-`window_batches` batches each; images/s is the median over windows. One "image" is one sample
-with both of its views made (a weak and a strong crop of one decode).
+processes for torch and nvjpeg, DALI threads for dali, FFCV/numba threads for ffcv, which reads the
+.beton written from the same shards) and the same device (`--device`; on CUDA
+each timed window ends with a device synchronisation, so queued GPU work is counted; nvjpeg then
+hands over bf16 views, the others their fp32 Batch contract). Per backend: build the training loader
+and time it to its first batch (`first_batch_s`: start-up, FFCV's numba JIT, DALI's pipeline build),
+let `warmup` more batches pass untimed (page cache, pipeline prefetch), then time
+`windows` windows of `window_batches` batches each; images/s is the median over windows. One
+"image" is one sample with both of its views made (a weak and a strong crop of one decode).
 Without `--shards`, realistic shards are made on the spot: the built-in data set rendered at
 `--image-size` px (shorter side), converted with `--max-side` (default 384: stored images of
 about 384 x 450-510 px, web-like sizes; `mopro-fast convert`'s own default is 256), with
@@ -26,7 +28,7 @@ import click
 
 from mopro_fast.bench.common import emit, environment
 
-BACKENDS = ("torch", "dali", "dali-roi", "ffcv")
+BACKENDS = ("torch", "dali", "dali-roi", "ffcv", "nvjpeg")
 # "dali-roi": the dali backend with two ROI decodes per image (each decodes only its crop's region)
 # instead of its default of one decode and two crops; measured to pick the DALI default.
 VARIANTS = {"dali-roi": ("dali", {"decode": "roi"})}
@@ -62,29 +64,38 @@ def make_shards(out: Path, classes: int, per_class: int, image_size: int, shard_
 
 
 def measure(backend: str, shards: Path, split: str, resolution: int, batch_size: int, workers: int,
-            warmup: int, windows: int, window_batches: int) -> dict:
+            warmup: int, windows: int, window_batches: int, device: str = "cpu") -> dict:
     """Median two-view images/s of one backend's training loader over timed windows of batches."""
+    import torch
+
     from mopro_fast.data import build_train_loader
 
     steps = 1 + warmup + windows * window_batches
     backend, extra = VARIANTS.get(backend, (backend, {}))
-    start = time.perf_counter()
+    cuda = torch.device(device).type == "cuda"
+    if backend == "nvjpeg" and cuda:
+        extra = {**extra, "dtype": torch.bfloat16}  # what a bf16 run feeds its first convolution
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    first_start = time.perf_counter()
     loader = build_train_loader(backend, **extra, shards=shards, split=split, batch_size=batch_size, resolution=resolution,
-                                workers=workers, shuffle_buffer=1000, seed=0, rank=0, world_size=1, device="cpu",
+                                workers=workers, shuffle_buffer=1000, seed=0, rank=0, world_size=1, device=device,
                                 steps_per_epoch=steps)
     loader.set_epoch(0)
     it = iter(loader)
     next(it)
-    first_s = time.perf_counter() - start  # build + first batch (JIT/compile, worker start-up)
+    sync()
+    first_s = time.perf_counter() - first_start  # build + first batch (JIT/compile, worker start-up)
     start = time.perf_counter()
     for _ in range(warmup):
         next(it)
+    sync()
     warm_s = time.perf_counter() - start
     times = []
     for _ in range(windows):
         start = time.perf_counter()
         for _ in range(window_batches):
             next(it)
+        sync()
         times.append(time.perf_counter() - start)
     for _ in it:  # let the loader finish its epoch (torch checks its step count at the end)
         pass
@@ -95,7 +106,7 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
 
 def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int, batch_size: int,
                      workers: int, warmup: int, windows: int, window_batches: int, classes: int, per_class: int,
-                     image_size: int, max_side: int = 384) -> dict:
+                     image_size: int, max_side: int = 384, device: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory(prefix="mopro-bench-loader-") as tmp:
         made = shards is None
         if made:
@@ -105,36 +116,40 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
         from mopro_fast.data.manifest import read_manifest
 
         samples = read_manifest(shards).num_written(split)
-        per_backend = {b: measure(b, shards, split, resolution, batch_size, workers, warmup, windows, window_batches)
-                       for b in backends}
+        per_backend = {b: measure(b, shards, split, resolution, batch_size, workers, warmup, windows, window_batches,
+                                  device) for b in backends}
     result = {"bench": "loader", "img_s": {b: r["img_s"] for b, r in per_backend.items()},
               "first_batch_s": {b: r["first_batch_s"] for b, r in per_backend.items()}}
-    if "torch" in per_backend and "dali" in per_backend:
-        result["ratio_dali_torch"] = round(per_backend["dali"]["img_s"] / per_backend["torch"]["img_s"], 2)
     if "torch" in per_backend and "ffcv" in per_backend:
         result["ratio_ffcv_torch"] = round(per_backend["ffcv"]["img_s"] / per_backend["torch"]["img_s"], 2)
+    if "torch" in per_backend and "dali" in per_backend:
+        result["ratio_dali_torch"] = round(per_backend["dali"]["img_s"] / per_backend["torch"]["img_s"], 2)
+    if "torch" in per_backend and "nvjpeg" in per_backend:
+        result["ratio_nvjpeg_torch"] = round(per_backend["nvjpeg"]["img_s"] / per_backend["torch"]["img_s"], 2)
     if "dali" in per_backend and "dali-roi" in per_backend:
         result["ratio_dali_roi_vs_once"] = round(per_backend["dali-roi"]["img_s"] / per_backend["dali"]["img_s"], 2)
     result["details"] = per_backend
     result["settings"] = {"backends": backends, "resolution": resolution, "batch_size": batch_size,
                           "workers": workers, "warmup_batches": warmup, "windows": windows,
                           "window_batches": window_batches, "split": split, "samples": samples,
-                          "shards": "built-in" if made else str(shards), "device": "cpu"}
+                          "shards": "built-in" if made else str(shards), "device": device}
     if made:
         result["settings"].update({"classes": classes, "per_class": per_class, "image_size": image_size,
                                    "max_side": max_side})
-    result["env"] = environment("cpu")
+    result["env"] = environment(device)
     return result
 
 
 @click.command("loader")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
-              help="Backend to measure (repeatable) [default: torch, and dali and ffcv if installed; dali-roi = "
-                   "dali with two ROI decodes instead of one decode and two crops].")
+              help="Backend to measure (repeatable) [default: every installed one of torch, dali, ffcv, nvjpeg; "
+                   "dali-roi = dali with two ROI decodes instead of one decode and two crops].")
 @click.option("--res", "resolution", default=224, show_default=True, help="Crop size of both views.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(1),
-              help="DataLoader workers (torch) = DALI threads (dali) = FFCV threads (ffcv) [default: all cores].")
+              help="DataLoader workers (torch, nvjpeg) = DALI threads (dali) [default: all cores].")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the batches are delivered: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Existing shards folder (with manifest.json) instead of generated ones.")
 @click.option("--split", default="train", show_default=True)
@@ -149,11 +164,11 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 @click.option("--quick", is_flag=True, help="CI-sized: 4 x 20 images at 160 px, res 64, batch 16, 2 windows of 2.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, workers: int | None,
-                 shards: Path | None, split: str, warmup: int, windows: int, window_batches: int, classes: int,
-                 per_class: int, image_size: int, max_side: int, quick: bool, as_json: bool) -> None:
-    """Two-view training images/s of the torch, dali and ffcv loaders on the same images (CPU).
+                 device: str, shards: Path | None, split: str, warmup: int, windows: int, window_batches: int,
+                 classes: int, per_class: int, image_size: int, max_side: int, quick: bool, as_json: bool) -> None:
+    """Two-view training images/s of the loader backends on the same shards and device."""
+    from mopro_fast.bench.core import _resolve_device
 
-    Also reports each backend's time to its first batch (`first_batch_s`, FFCV's JIT included)."""
     chosen = list(backends) or available_backends()
     if quick:
         resolution, batch_size, warmup, windows, window_batches = 64, 16, 1, 2, 2
@@ -163,7 +178,8 @@ def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, wo
 
     try:
         result = run_loader_bench(chosen, shards, split, resolution, batch_size, workers or os.cpu_count() or 1,
-                                  warmup, windows, window_batches, classes, per_class, image_size, max_side)
+                                  warmup, windows, window_batches, classes, per_class, image_size, max_side,
+                                  str(_resolve_device(device)))
     except (BackendUnavailable, ManifestError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -7,7 +7,7 @@ synthetic batch in the same process. They differ only in the tricks mopro-fast a
 | | mopro-fast | original style |
 |---|---|---|
 | precision | `--precision` (bf16 autocast by default on CUDA) | fp32 |
-| memory format | channels-last | NCHW |
+| memory format | channels-last (NCHW with `--nchw`: faster on CPUs) | NCHW |
 | key EMA | one fused lerp over a flat buffer | per-parameter loop, 3 temporaries each |
 | prototype update | closed form, a few kernels | per-sample Python loop |
 | SGD | fused (CUDA) / foreach | for-loop |
@@ -24,7 +24,8 @@ from mopro_fast.bench.core import _device_option, _json_option, _resolve_device,
 from mopro_fast.bench.common import emit, environment
 
 
-def build(arch: str, classes: int, res: int, batch: int, device, fast: bool, small_stem: bool, seed: int = 0):
+def build(arch: str, classes: int, res: int, batch: int, device, fast: bool, small_stem: bool, seed: int = 0,
+          channels_last: bool = True):
     """A MoPro model, optimiser and one synthetic batch; `fast` selects the mopro-fast tricks."""
     import torch
 
@@ -40,8 +41,9 @@ def build(arch: str, classes: int, res: int, batch: int, device, fast: bool, sma
     views = [torch.randn(batch, 3, res, res, generator=gen).to(device) for _ in range(2)]  # 2 x (B x 3 x H x W)
     labels = torch.randint(0, classes, (batch,), generator=gen).to(device)  # B
     if fast:
-        mopro.to(memory_format=torch.channels_last)
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        if channels_last:
+            mopro.to(memory_format=torch.channels_last)
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         opt = runtime.sgd(mopro.query.parameters(), 0.1, 0.9, 1e-4, False, "auto", device)
         ema = mopro.momentum_update
     else:
@@ -70,7 +72,7 @@ def make_step(mopro, opt, ema, views, labels, autocast, compiled: bool):
 
 
 def run_step_bench(arch: str, res: int, batch: int, classes: int, device_name: str, precision: str,
-                   compiled: bool, small_stem: bool, rounds: int, warmup: int) -> dict:
+                   compiled: bool, small_stem: bool, rounds: int, warmup: int, channels_last: bool = True) -> dict:
     import torch
 
     from mopro_fast import runtime
@@ -79,7 +81,7 @@ def run_step_bench(arch: str, res: int, batch: int, classes: int, device_name: s
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    fast = make_step(*build(arch, classes, res, batch, device, True, small_stem),
+    fast = make_step(*build(arch, classes, res, batch, device, True, small_stem, channels_last=channels_last),
                      runtime.autocast(device, precision), compiled)
     original = make_step(*build(arch, classes, res, batch, device, False, small_stem),
                          runtime.autocast(device, "fp32"), False)
@@ -92,7 +94,7 @@ def run_step_bench(arch: str, res: int, batch: int, classes: int, device_name: s
         "fast_ms": round(fast_ms, 2),
         "original_ms": round(original_ms, 2),
         "settings": {"arch": arch, "res": res, "batch": batch, "classes": classes, "precision": precision,
-                     "channels_last": True, "compile": compiled, "small_stem": small_stem, "rounds": rounds,
+                     "channels_last": channels_last, "compile": compiled, "small_stem": small_stem, "rounds": rounds,
                      "warmup": warmup, "queue": 8192},
         "env": environment(str(device)),
     }
@@ -108,16 +110,17 @@ def run_step_bench(arch: str, res: int, batch: int, classes: int, device_name: s
               help="Autocast dtype of the fast path [default: bf16 on CUDA, fp32 on CPU, where bf16 is slow].")
 @click.option("--compile", "compiled", is_flag=True, help="torch.compile the fast path's step (warm-up pays it).")
 @click.option("--small-stem", is_flag=True, help="3x3 stem without max-pool (for 32-64 px inputs).")
+@click.option("--nchw", is_flag=True, help="Keep the fast path in NCHW (on a CPU channels-last is slower).")
 @click.option("--rounds", default=5, show_default=True, help="Timed rounds; medians are reported.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed rounds first (cudnn autotune, compile).")
 @click.option("--quick", is_flag=True, help="CI size: resnet18, small stem, 32 px, batch 32, 3 rounds.")
 @_json_option
 def step_bench(arch: str, res: int, batch: int, classes: int, device: str, precision: str | None, compiled: bool,
-               small_stem: bool, rounds: int, warmup: int, quick: bool, as_json: bool) -> None:
+               small_stem: bool, nchw: bool, rounds: int, warmup: int, quick: bool, as_json: bool) -> None:
     """Full MoPro training steps/s on synthetic data: mopro-fast vs the original implementation's style."""
     if quick:
         arch, res, batch, classes, small_stem, rounds, warmup = "resnet18", 32, 32, 100, True, 3, 1
     dev = _resolve_device(device)
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
-    emit(run_step_bench(arch, res, batch, classes, device, precision, compiled, small_stem, rounds, warmup),
-         as_json)
+    emit(run_step_bench(arch, res, batch, classes, device, precision, compiled, small_stem, rounds, warmup,
+                        channels_last=not nchw), as_json)

@@ -21,7 +21,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "dali": ("mopro_fast.data.dali_loader", "pip install nvidia-dali-cuda130 (or pip install -e .[dali])"),
     "ffcv": ("mopro_fast.data.ffcv_loader",
              "apt-get install pkg-config libopencv-dev libturbojpeg0-dev, then pip install -e .[ffcv]"),
-    "nvjpeg": ("mopro_fast.data.nvjpeg_loader", "a CUDA build of torchvision (GPU decode_jpeg) and a CUDA device"),
+    "nvjpeg": ("mopro_fast.data.nvjpeg_loader", "pip install -e . (torch, torchvision, webdataset; a CUDA build for GPU decoding)"),
 }
 
 

@@ -103,29 +103,42 @@ class _TrainEpoch(IterableDataset):
         W, B = self.workers, self.batch_size
         # DataLoader worker i serves slot (i + start_step) % W, so its round robin starts at start_step.
         slot = (_worker_id() + self.start_step) % W
-        start, end, quota = train_window(sum(self.sizes), B, self.steps, self.rank, self.world_size, W, slot)
-        plan = pieces(self.sizes, start, end, lambda p: shard_order(len(self.sizes), self.seed, self.epoch, p))
         key = (self.seed, self.epoch, self.rank, self.world_size, W, slot)
-        rng = random.Random(mix_seed(*key, TAG_BUFFER))
-        raw = buffer_shuffle(read_pieces(self.paths, plan), self.shuffle_buffer, rng)
-        raw = itertools.islice(raw, quota)
-        skip = batches_of_worker(self.start_step, W, slot)  # this slot's batches before start_step
-        for _ in itertools.islice(raw, skip * B):
-            pass  # read and shuffled, never decoded
         generator = torch.Generator()
-        for b in range(skip, quota // B):
+        for b, samples in slot_batches(self.paths, self.sizes, B, self.steps, self.shuffle_buffer, self.seed,
+                                       self.epoch, self.rank, self.world_size, W, slot, self.start_step):
             view_q = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
             view_k = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
             labels, indices = torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.int64)  # B, B
-            n = 0
-            for i, (jpeg, label, index) in enumerate(itertools.islice(raw, B)):
+            for i, (jpeg, label, index) in enumerate(samples):
                 generator.manual_seed(mix_seed(*key, b * B + i, TAG_VIEWS))
                 view_q[i], view_k[i] = two_views(decode(jpeg), generator, self.resolution)
                 labels[i], indices[i] = label, index
-                n += 1
-            if n < B:  # cannot happen while each window holds its quota (stream.train_window)
-                raise RuntimeError(f"slot {slot} ran out of samples in batch {b}")
             yield slot + b * W, view_q, view_k, labels, indices
+
+
+def slot_batches(paths: list[str], sizes: list[int], batch_size: int, steps: int, shuffle_buffer: int, seed: int,
+                 epoch: int, rank: int, world_size: int, workers: int, slot: int,
+                 start_step: int) -> Iterator[tuple[int, list[RawSample]]]:
+    """The raw samples of slot `slot`'s batches of one epoch, from `start_step` on (stream.py's plan).
+
+    Yields (b, B raw samples) for the slot's b-th batch, which is step `slot + b * workers`;
+    the batches before `start_step` are read and shuffled, never decoded. Shared by the backends
+    that read with webdataset (torch, nvjpeg), so both see the same samples in the same batches.
+    """
+    W, B = workers, batch_size
+    start, end, quota = train_window(sum(sizes), B, steps, rank, world_size, W, slot)
+    plan = pieces(sizes, start, end, lambda p: shard_order(len(sizes), seed, epoch, p))
+    rng = random.Random(mix_seed(seed, epoch, rank, world_size, W, slot, TAG_BUFFER))
+    raw = itertools.islice(buffer_shuffle(read_pieces(paths, plan), shuffle_buffer, rng), quota)
+    skip = batches_of_worker(start_step, W, slot)  # this slot's batches before start_step
+    for _ in itertools.islice(raw, skip * B):
+        pass  # read and shuffled, never decoded
+    for b in range(skip, quota // B):
+        samples = list(itertools.islice(raw, B))
+        if len(samples) < B:  # cannot happen while each window holds its quota (stream.train_window)
+            raise RuntimeError(f"slot {slot} ran out of samples in batch {b}")
+        yield b, samples
 
 
 class _EvalShare(IterableDataset):

@@ -1,0 +1,146 @@
+"""`mopro-fast bench table REPORT.json`: the markdown table of a `bench all` report.
+
+The README's performance table is this command's output for a committed report, pasted between
+`<!--bench-table REPORT-->` and `<!--/bench-table-->` (`--readme README.md` does the pasting, and
+a test checks the README still equals the output), so no figure in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+_BLOCK = re.compile(r"<!--bench-table (?P<path>\S+)-->\n.*?<!--/bench-table-->", re.DOTALL)
+
+
+def _num(x: float, unit: str = "") -> str:
+    if x >= 100:
+        text = f"{x:,.0f}"
+    elif x >= 10:
+        text = f"{x:.1f}"
+    else:
+        text = f"{x:.3g}"
+    return f"{text}{unit}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+
+
+def _device_line(report: dict[str, Any]) -> str:
+    env = report.get("env", {})
+    device = env.get("gpu") or f"CPU ({env.get('cpus', '?')} cores)"
+    parts = [f"**{device}**", report.get("date", "?"), f"torch {env.get('torch', '?')}",
+             f"torchvision {env.get('torchvision', '?')}"]
+    if env.get("dali"):
+        parts.append(f"DALI {env['dali']}")
+    if report.get("quick"):
+        parts.append("`--quick` settings (tiny: a smoke test, not a measurement)")
+    return " · ".join(parts)
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, baseline, mopro-fast, ratio) per measured quantity, in the suite's order."""
+    res, out = report.get("results", {}), []
+    s = report.get("settings", {})
+    if "convert" in res:
+        r = res["convert"]
+        cs = r["settings"]
+        out.append((f"conversion, {r['images']} images of the built-in data at ~{cs['image_size']} px",
+                    f"{_num(r['naive_img_s'])} img/s (one process, PIL, a file at a time)",
+                    f"{_num(r['fast_1_worker_img_s'])} img/s at 1 worker, {_num(r['fast_all_workers_img_s'])} "
+                    f"at {_plural(r['workers'], 'worker')}",
+                    f"{_ratio(r['ratio_1_worker'])} / {_ratio(r['ratio_all_workers'])}"))
+    if "loader" in res:
+        r = res["loader"]
+        ls = r["settings"]
+        what = (f"two-view loader `{{}}`, {ls['resolution']} px, batch {ls['batch_size']}, "
+                f"{_plural(ls['workers'], 'worker')}, on {ls['device']}, {ls['samples']} images stored at ~{s.get('max_side', '?')} px")
+        base = r["img_s"].get("torch")
+        for backend, rate in r["img_s"].items():
+            if backend == "torch":
+                continue
+            out.append((what.format(backend), f"{_num(base)} img/s (`torch`: workers decode + transform)" if base
+                        else "-", f"{_num(rate)} img/s", _ratio(rate / base) if base else "-"))
+        if list(r["img_s"]) == ["torch"]:
+            out.append((what.format("torch"), f"{_num(base)} img/s", "-", "-"))
+    if "proto" in res:
+        r = res["proto"]
+        ps = r["settings"]
+        out.append((f"prototype update, {ps['batch']} gathered samples, K {ps['classes']}, d {ps['dim']}",
+                    f"{_num(r['loop_ms'], ' ms')} (per-sample loop)",
+                    f"{_num(r['fused_ms'], ' ms')} (max abs err {r['max_abs_err']:.0e})", _ratio(r["ratio"])))
+    if "ema" in res:
+        r = res["ema"]
+        es = r["settings"]
+        out.append((f"momentum encoder EMA, {es['arch']} + heads ({es['parameters'] / 1e6:.0f} M parameters)",
+                    f"{_num(r['loop_ms'], ' ms')} (per-parameter loop)",
+                    f"{_num(r['fused_ms'], ' ms')} (max abs err {r['max_abs_err']:.0e})", _ratio(r["ratio"])))
+    for key in ("step", "step_compile"):
+        if key in res:
+            r = res[key]
+            ss = r["settings"]
+            tricks = [ss["precision"], "channels-last" if ss["channels_last"] else "NCHW", "fused updates"]
+            if ss["compile"]:
+                tricks.append("`torch.compile`")
+            out.append((f"full MoPro step, {ss['arch']}{' small stem' if ss['small_stem'] else ''}, {ss['res']} px, "
+                        f"batch {ss['batch']}, synthetic data",
+                        f"{_num(r['original_img_s'])} img/s (original style: fp32, NCHW, loops)",
+                        f"{_num(r['fast_img_s'])} img/s ({', '.join(tricks)})", _ratio(r["ratio"])))
+    for key, r in res.items():
+        if key.startswith("e2e_"):
+            es = r["settings"]
+            out.append((f"end to end from shards, `{r['backend']}` loader, {es['arch']}, {es['res']} px, "
+                        f"batch {es['batch']}, {es['precision']}",
+                        f"{_num(r['step_only_img_s'])} img/s (same step, batch already on the device)",
+                        f"{_num(r['img_s'])} img/s, data wait {100 * r['data_wait']:.1f} %",
+                        _ratio(r["img_s"] / r["step_only_img_s"])))
+    for name, error in report.get("errors", {}).items():
+        out.append((f"{name}: failed", error.replace("|", "/"), "-", "-"))
+    return out
+
+
+def render(report: dict[str, Any], path: str | None = None) -> str:
+    """The device line and the markdown table of a `bench all` report."""
+    lines = [_device_line(report) + (f" · report `{path}`" if path else ""), "",
+             "| benchmark | baseline | mopro-fast | ratio |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(report)]
+    return "\n".join(lines)
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot read the report {path}: {exc}") from None
+    if not isinstance(report, dict) or report.get("report") != "mopro-fast bench all":
+        raise click.ClickException(f"{path} is not a `mopro-fast bench all` report")
+    return report
+
+
+def readme_block(report_path: str, table: str) -> str:
+    return f"<!--bench-table {report_path}-->\n{table}\n<!--/bench-table-->"
+
+
+@click.command("table")
+@click.argument("report", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--readme", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Also replace the <!--bench-table ...--> block of this markdown file with the table.")
+def table_command(report: Path, readme: Path | None) -> None:
+    """Print the markdown table of a `bench all` REPORT (JSON); optionally paste it into a README."""
+    table = render(load_report(report), str(report))
+    click.echo(table)
+    if readme is not None:
+        text = readme.read_text()
+        if not _BLOCK.search(text):
+            raise click.ClickException(f"{readme} has no <!--bench-table PATH--> ... <!--/bench-table--> block")
+        readme.write_text(_BLOCK.sub(lambda _: readme_block(str(report), table), text, count=1))
+        click.echo(f"updated the table in {readme}", err=True)

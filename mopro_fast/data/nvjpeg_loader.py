@@ -1,0 +1,223 @@
+"""Loader backend `nvjpeg`: pure PyTorch/torchvision, JPEGs decoded and augmented as whole batches
+on the training device (nvJPEG through `torchvision.io.decode_jpeg(..., device="cuda")` on a GPU,
+libjpeg-turbo on a CPU, where the same code runs and the tests cover it). DESIGN.md section 3.
+
+Pipeline per batch:
+- DataLoader workers read raw JPEG bytes, labels and sample indices from the shards with
+  webdataset's tar iterators and do no decoding. The samples of each batch are the torch
+  backend's exactly (the same plan: `torch_loader.slot_batches`). A batch crosses the process
+  boundary as one byte buffer plus lengths, not B small tensors.
+- In the main process, in a background thread `prefetch` batches ahead on its own CUDA stream
+  (mopro_fast.data.prefetch): one `decode_jpeg` call on the whole list, then both views for the
+  whole batch (mopro_fast.data.gpu_views: padding, crop + resize + flip as batched GEMMs, colour
+  ops of gpu_augment), normalisation with the ImageNet mean/std, the output dtype and
+  channels-last in one copy. No per-sample Python loop touches pixels.
+
+Output dtype: `dtype` (default float32, the Batch contract: an fp32 recipe gets fp32 inputs). On a
+GPU with a bf16 recipe, `dtype=torch.bfloat16` halves the bytes the first convolution reads;
+autocast would cast them anyway (`bench loader` / `bench e2e` use it on CUDA).
+
+Differences from the torch backend (views.py), all documented, none in the sampling rules:
+same crop rule (torchvision's, vectorised), same flip/grayscale probabilities, same jitter
+ranges and per-sample random order; the pixels are computed in float and never rounded to uint8
+between ops (the torch backend rounds after the resize and after each colour op), and the
+random numbers come from a per-batch generator on the device, seeded with (seed, epoch, rank,
+world size, step): the views of a batch do not depend on the worker count, but a CUDA and a CPU
+run draw different numbers (different generators). The eval view equals `views.eval_view` up to
+float rounding (the torch backend's uint8 kernel rounds to within 1 level of it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
+from mopro_fast.data.epochs import EpochPlan, check_loader_args
+from mopro_fast.data.gpu_augment import constant
+from mopro_fast.data.gpu_views import eval_view_batch, to_device, two_views_batch
+from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.prefetch import prefetch
+from mopro_fast.data.stream import TAG_VIEWS, eval_window, mix_seed, pieces
+from mopro_fast.data.torch_loader import RawSample, _worker_id, read_pieces, slot_batches
+
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+RawBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # bytes, lengths, labels, indices
+
+
+def pack(samples: list[RawSample]) -> RawBatch:
+    """B raw samples -> (one uint8 buffer of all JPEG bytes, B lengths, B labels, B indices)."""
+    data = torch.frombuffer(bytearray(b"".join(s[0] for s in samples)), dtype=torch.uint8)
+    lengths = torch.tensor([len(s[0]) for s in samples], dtype=torch.int64)
+    return (data, lengths, torch.tensor([s[1] for s in samples], dtype=torch.int64),
+            torch.tensor([s[2] for s in samples], dtype=torch.int64))
+
+
+def decode_batch(data: torch.Tensor, lengths: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """One `decode_jpeg` call on the whole batch: uint8 `3 x H_b x W_b` RGB images on `device`."""
+    jpegs = list(torch.split(data, lengths.tolist()))  # views into one host buffer, no copies
+    return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+
+def finish(views: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """float `B x 3 x H x W` in [0, 1] -> `(x - mean) / std` in `dtype`, channels-last if asked (one copy)."""
+    mean = constant(IMAGENET_MEAN, torch.float32, views.device).view(1, 3, 1, 1)
+    inv_std = constant(tuple(1 / s for s in IMAGENET_STD), torch.float32, views.device).view(1, 3, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return ((views - mean) * inv_std).to(dtype=dtype, memory_format=fmt)
+
+
+class _RawTrainEpoch(IterableDataset):
+    """One epoch of one rank as raw batches (step, bytes, lengths, labels, indices); no decoding."""
+
+    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, steps: int, shuffle_buffer: int,
+                 seed: int, epoch: int, rank: int, world_size: int, workers: int, start_step: int):
+        super().__init__()
+        self.args = (paths, sizes, batch_size, steps, shuffle_buffer, seed, epoch, rank, world_size, workers)
+        self.workers, self.start_step = workers, start_step
+
+    def __iter__(self) -> Iterator[tuple[int, RawBatch]]:
+        slot = (_worker_id() + self.start_step) % self.workers  # as torch_loader._TrainEpoch
+        for b, samples in slot_batches(*self.args, slot, self.start_step):
+            yield slot + b * self.workers, pack(samples)
+
+
+class _RawEvalShare(IterableDataset):
+    """The eval samples of one rank as raw batches; worker w reads sub-window w, in manifest order."""
+
+    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, rank: int, world_size: int, workers: int):
+        super().__init__()
+        self.paths, self.sizes, self.batch_size = paths, sizes, batch_size
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+
+    def __iter__(self) -> Iterator[RawBatch]:
+        start, end = eval_window(sum(self.sizes), self.rank, self.world_size, self.workers, _worker_id())
+        raw = read_pieces(self.paths, pieces(self.sizes, start, end, lambda p: range(len(self.sizes))))
+        while chunk := list(itertools.islice(raw, self.batch_size)):
+            yield pack(chunk)
+
+
+def _raw_loader(dataset: IterableDataset, workers: int, prefetch_batches: int) -> DataLoader:
+    # Raw bytes are not pinned: decode_jpeg reads them on the host (nvJPEG's Huffman stage) anyway.
+    return DataLoader(dataset, batch_size=None, num_workers=workers,
+                      prefetch_factor=max(prefetch_batches, 1) if workers else None)
+
+
+class NvjpegTrainLoader(EpochPlan):
+    """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
+
+    Same arguments as `TorchTrainLoader`, plus `dtype` (of the views; default float32) and `debug`
+    (iteration yields `(Batch, params)`: the sampled crop windows `(y0, x0, h, w)` as fractions of
+    the source, flips, grayscale coins, jitter factors and order, as B x ... numpy arrays).
+    `prefetch` is both the DataLoader's prefetch factor and how many batches the device thread
+    prepares ahead (0: decode and augment inline). Samples per batch: as the torch backend.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
+                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
+                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
+                 hw_decoder_load: float = 0.0, dtype: torch.dtype = torch.float32, debug: bool = False):
+        # hw_decoder_load: DALI's hardware-decoder share; torchvision's decode_jpeg has no such knob.
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
+        infos = read_manifest(shards).shards(split)
+        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
+        self.num_samples = sum(self._sizes)
+        if self.num_samples == 0:
+            raise ValueError(f"split {split!r} of {shards} has no samples")
+        self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last, self.prefetch, self.dtype, self.debug = channels_last, prefetch, dtype, debug
+        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
+        self.resolution = resolution
+
+    def set_resolution(self, resolution: int) -> None:
+        """The crop size of the views from the next iteration on (progressive resizing)."""
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution = resolution
+
+    def _make(self, item: tuple[int, RawBatch]):
+        step, (data, lengths, label, index) = item
+        images = decode_batch(data, lengths, self.device)
+        generator = torch.Generator(device=images[0].device)
+        generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank, self.world_size, step, TAG_VIEWS))
+        view_q, view_k, (weak, strong) = two_views_batch(images, generator, self.resolution)
+        batch = Batch(finish(view_q, self.dtype, self.channels_last), finish(view_k, self.dtype, self.channels_last),
+                      to_device(label, self.device), to_device(index, self.device))
+        if not self.debug:
+            return step, batch
+        sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.float64)  # B x 2 (H, W)
+        params = {"size": sizes.numpy(), "flip_q": weak.flip.cpu().numpy(), "flip_k": strong.flip.cpu().numpy(),
+                  "gray": strong.gray.cpu().numpy(), "factors": strong.factors.cpu().numpy(),
+                  "order": strong.order.cpu().numpy()}
+        for name, view in (("crop_q", weak), ("crop_k", strong)):
+            c = view.crops
+            box = torch.stack([c.top, c.left, c.height, c.width], dim=1).cpu().double()  # B x 4 pixels
+            params[name] = (box / sizes.repeat(1, 2)).numpy()  # y0, x0, h, w as fractions of H, W
+        return step, (batch, params)
+
+    def __iter__(self) -> Iterator[Batch]:
+        start, W = self.start_step, max(self.workers, 1)
+        dataset = _RawTrainEpoch(self._paths, self._sizes, self.batch_size, self._steps, self.shuffle_buffer,
+                                 self.seed, self.epoch, self.rank, self.world_size, W, start)
+        expected = start
+        raw = _raw_loader(dataset, self.workers, self.prefetch)
+        for step, out in prefetch(raw, self._make, self.prefetch, self.device):
+            if step != expected:  # the round-robin order the plan relies on; cheap to check
+                raise RuntimeError(f"loader produced step {step} where step {expected} was due")
+            yield out
+            expected += 1
+        if expected != self._steps:
+            raise RuntimeError(f"loader stopped after step {expected - 1} of {self._steps}")
+
+
+class NvjpegEvalLoader:
+    """Eval batches (`EvalBatch`) of one rank: its disjoint share of the split, in a fixed order.
+
+    Same arguments and sample order as `TorchEvalLoader` (plus `dtype`); the view is
+    `views.eval_view(resize, resolution)` made for the whole batch on the device.
+    """
+
+    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
+                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
+                 prefetch: int = 2, hw_decoder_load: float = 0.0, dtype: torch.dtype = torch.float32):
+        check_loader_args(batch_size, resolution, workers, rank, world_size)
+        if resize < resolution:
+            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
+        infos = read_manifest(shards).shards(split)
+        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
+        self.num_samples = sum(self._sizes)
+        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.channels_last, self.prefetch, self.dtype = channels_last, prefetch, dtype
+
+    def __len__(self) -> int:
+        W = max(self.workers, 1)
+        return sum(-(-(e - s) // self.batch_size)
+                   for s, e in (eval_window(self.num_samples, self.rank, self.world_size, W, w) for w in range(W)))
+
+    def _make(self, raw: RawBatch) -> EvalBatch:
+        data, lengths, label, index = raw
+        image = eval_view_batch(decode_batch(data, lengths, self.device), self.resize, self.resolution)
+        return EvalBatch(finish(image, self.dtype, self.channels_last), to_device(label, self.device),
+                         to_device(index, self.device))
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        if self.num_samples == 0:
+            return
+        dataset = _RawEvalShare(self._paths, self._sizes, self.batch_size, self.rank, self.world_size,
+                                max(self.workers, 1))
+        yield from prefetch(_raw_loader(dataset, self.workers, self.prefetch), self._make, self.prefetch, self.device)
+
+
+# The names the backend factory (mopro_fast.data.build_*_loader) looks up.
+TrainLoader = NvjpegTrainLoader
+EvalLoader = NvjpegEvalLoader
