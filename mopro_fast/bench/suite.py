@@ -4,7 +4,7 @@ The same shards (the built-in data set rendered at web-like sizes, made once) fe
 e2e benchmarks; the same architecture, resolution, batch, precision and memory format serve the
 step, ema and e2e benchmarks. The settings come from a profile chosen by device (a GPU: ResNet-50
 at 224 px, batch 256, bf16, channels-last, the step with and without `torch.compile`; a CPU:
-ResNet-18 at 64 px, batch 64, fp32, NCHW, as the demo recipe), or `--quick` (tiny, for CI), and
+ResNet-18 at 64 px, batch 64, fp32, NCHW, as the demo recipe), or `--quick` (tiny, one torch thread, for CI), and
 a few options override them. Each benchmark warms up and reports medians (its own module says
 how); each entry keeps its own settings and environment. A benchmark that fails is recorded
 under `errors` with its one-line reason and the others still run (exit status 1 then).
@@ -48,6 +48,7 @@ class SuiteSettings:
     channels_last: bool
     model_classes: int  # K of the step and ema benchmarks (e2e uses the shards' classes)
     compile: tuple[bool, ...]  # step variants: without and/or with torch.compile
+    threads: int | None  # torch intra-op threads (None: torch's default)
     backends: list[str]  # loader benchmark
     e2e_backends: list[str]  # one e2e benchmark each
     workers: int
@@ -75,6 +76,7 @@ def profile(device: str, quick: bool, backends: list[str], e2e_backends: list[st
         return SuiteSettings(
             **shared, quick=True, arch="resnet18", small_stem=False, res=32, batch=8,
             precision="bf16" if cuda else "fp32", channels_last=cuda, model_classes=10, compile=(False,), workers=1,
+            threads=1,  # on a busy shared CPU, waits for a second intra-op thread made a 10 s run take 6 min
             classes=4, per_class=12, image_size=96, max_side=96,
             convert=dict(classes=2, per_class=10, image_size=128, repeats=1, shard_size=10),
             loader=dict(warmup=1, windows=2, window_batches=1),
@@ -82,7 +84,7 @@ def profile(device: str, quick: bool, backends: list[str], e2e_backends: list[st
             ema=dict(rounds=2, warmup=1), step=dict(rounds=1, warmup=1),
             e2e=dict(warmup=1, windows=2, window_steps=2))
     # Web-like stored sizes: the built-in data at 448 px converted with --max-side 384 (~384 x 450-510 px).
-    shared.update(quick=False, small_stem=False, workers=cpus, model_classes=1000,
+    shared.update(quick=False, small_stem=False, workers=cpus, model_classes=1000, threads=None,
                   classes=10, per_class=200 if cuda else 80, image_size=448, max_side=384,
                   convert=dict(classes=10, per_class=100, image_size=500, repeats=3, shard_size=100),
                   loader=dict(warmup=4, windows=5, window_batches=4),
@@ -130,6 +132,10 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
         progress(f"bench all: {name} done in {seconds[name]} s")
 
     started = time.perf_counter()
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
     c = s.convert
     run("convert", lambda: run_convert_bench(c["classes"], c["per_class"], c["image_size"], s.workers, c["repeats"],
                                              c["shard_size"]))
