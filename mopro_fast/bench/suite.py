@@ -142,8 +142,9 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
     with tempfile.TemporaryDirectory(prefix="mopro-bench-all-") as tmp:
         progress(f"bench all: making shards ({s.classes} x {s.per_class} images at {s.image_size} px, "
                  f"stored at {s.max_side} px)")
+        ffcv = "ffcv" in s.backends or "ffcv" in s.e2e_backends  # the .beton is written from the same shards
         shards = make_shards(Path(tmp), s.classes, s.per_class, s.image_size,
-                             max(50, s.classes * s.per_class // 8), s.max_side)
+                             max(50, s.classes * s.per_class // 8), s.max_side, fmt="both" if ffcv else "wds")
         lo = s.loader
         run("loader", lambda: {**run_loader_bench(s.backends, shards, "train", s.res, s.batch, s.workers, lo["warmup"],
                                                   lo["windows"], lo["window_batches"], s.classes, s.per_class,
