@@ -158,12 +158,13 @@ def test_wrong_type_in_file(tmp_path):
     (["loader.backend=pil"], "loader.backend: 'pil' is not one of torch, dali, ffcv, nvjpeg"),
     (["run.precision=fp8"], "run.precision: 'fp8' is not one of bf16, fp16, fp32"),
     (["optim.impl=cuda"], "optim.impl: 'cuda' is not one of"),
-    (["schedule.kind=step", "schedule.milestones=[5, 20]"], "schedule.milestones: [5, 20] must be increasing"),
+    (["schedule.epochs=14", "schedule.kind=step", "schedule.milestones=[5, 20]"],
+     "schedule.milestones: [5, 20] must be increasing"),
     (["schedule.kind=step", "schedule.milestones=[8, 4]"], "schedule.milestones: [8, 4] must be increasing"),
     (["schedule.milestones=[0]"], "schedule.milestones[0]: must be >= 1"),
     (["schedule.epochs=12", "schedule.warmup_epochs=12"], "schedule.warmup_epochs: must be < schedule.epochs"),
     (["schedule.epochs=12", "mopro.start_clean_epoch=13"], "mopro.start_clean_epoch: 13 is beyond schedule.epochs (12)"),
-    (["mopro.proto_start_epoch=20"], "mopro.proto_start_epoch: 20 is beyond schedule.epochs"),
+    (["schedule.epochs=14", "mopro.proto_start_epoch=20"], "mopro.proto_start_epoch: 20 is beyond schedule.epochs"),
     (["loader.eval_resize=36", "loader.eval_resolution=40"],
      "loader.eval_resolution: 40 is larger than loader.eval_resize (36)"),
     (["loader.hw_decoder_load=2"], "loader.hw_decoder_load: must be in [0, 1]"),
@@ -219,7 +220,8 @@ def test_derive_paper_setup_on_one_and_two_nodes():
 def test_derive_scaling_cap_and_limits():
     d = derive(load_config(RN50_1, ["loader.batch_size=128"]), world_size=1, num_train=1000)
     assert (d.global_batch, d.lr, d.steps_per_epoch) == (128, 0.05, 7)
-    d = derive(load_config(DEMO, ["run.max_steps_per_epoch=5", "schedule.epochs=12"]), world_size=2, num_train=1200)
+    d = derive(load_config(DEMO, ["run.max_steps_per_epoch=5", "schedule.epochs=12",
+                                   "mopro.start_clean_epoch=5"]), world_size=2, num_train=1200)
     assert (d.global_batch, d.steps_per_epoch, d.total_steps, d.warmup_steps, d.capped) == (128, 5, 60, 5, True)
     assert derive(load_config(DEMO, []), world_size=1, num_train=64).steps_per_epoch == 1
     too_big = r"^loader.batch_size: global batch 128 \(64 x 2 ranks\) is more than the 100 training samples$"

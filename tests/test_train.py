@@ -43,7 +43,8 @@ def tiny(data: dict[str, Path], out: Path, epochs: int = 2, **extra: str) -> lis
                 "loader.resolution": 32, "loader.eval_resize": 36, "loader.eval_resolution": 32,
                 "loader.batch_size": 32, "loader.workers": 1, "schedule.epochs": epochs,
                 "schedule.warmup_epochs": 0, "mopro.proto_start_epoch": 1, "mopro.start_clean_epoch": 1,
-                "optim.lr": 0.05, "optim.base_batch": 32, "run.log_every": 4, **extra}
+                "optim.lr": 0.05, "optim.base_batch": 32, "run.log_every": 4, "run.eval_every": 1,
+                **extra}
     return [f"{k}={v}" for k, v in settings.items()]
 
 
