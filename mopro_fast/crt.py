@@ -202,6 +202,7 @@ def retrain(checkpoint: Path, labels_path: Path, recipe_path: Path, out: Path | 
     classifier.requires_grad_(True).train()
     out = Path(out) if out is not None else Path(checkpoint).parent / "crt"
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
     log = RunLog(out, enabled=True, tensorboard=False)
     try:
         history = train_classifier(classifier, feats, labels, c, log, progress)
