@@ -22,6 +22,10 @@ PATTERN = re.compile(r"ckpt-e(\d+)-s(\d+)\.pt$")
 REQUIRED = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "config")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for what was asked; the message is one line."""
+
+
 def checkpoint_name(epoch: int, global_step: int) -> str:
     return f"ckpt-e{epoch:04d}-s{global_step:08d}.pt"
 
@@ -35,27 +39,33 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(run_dir: Path, state: dict, keep_last: int) -> Path:
     """Write `state` to a temporary name, flush it to disk, rename it; then prune old ones."""
     run_dir = Path(run_dir)
-    path = run_dir / checkpoint_name(state["epoch"], state["global_step"])
+    path = write_checkpoint(run_dir / checkpoint_name(state["epoch"], state["global_step"]), state)
+    for old in list_checkpoints(run_dir)[max(keep_last, 1):]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def write_checkpoint(path: Path, state: dict) -> Path:
+    """torch.save `state` to a temporary name next to `path`, flush it to disk, rename it to `path`."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    for old in list_checkpoints(run_dir)[max(keep_last, 1):]:
-        old.unlink(missing_ok=True)
     return path
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load one checkpoint; raises ValueError with a one-line reason if it is unusable."""
+    """Load one checkpoint; raises CheckpointError (a ValueError) with a one-line reason if it is unusable."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, I/O error: all unusable
-        raise ValueError(f"{path.name}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path.name}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else list(REQUIRED)
     if missing:
-        raise ValueError(f"{path.name}: not a mopro-fast checkpoint (missing {', '.join(missing)})")
+        raise CheckpointError(f"{path.name}: not a mopro-fast checkpoint (missing {', '.join(missing)})")
     return state
 
 

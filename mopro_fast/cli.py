@@ -10,6 +10,7 @@ import click
 
 from data_tools.cli import convert, make_fixture, verify
 from mopro_fast import __version__
+from mopro_fast.after_cli import clean_command, export_command, import_command, report_command, retrain_command
 from mopro_fast.bench import bench
 from mopro_fast.demo import demo
 from mopro_fast.train_cli import eval_command, train_command
@@ -27,6 +28,10 @@ def main() -> None:
       mopro-fast verify data/shards                 # re-read and check every shard
       mopro-fast bench convert --json               # measure conversion speed
       mopro-fast demo                               # all of the above on the built-in data
+      mopro-fast train recipes/demo_cpu.yaml        # train (see recipes/)
+      mopro-fast clean RUN/ckpt-....pt              # cleaned labels of the training set
+      mopro-fast retrain RUN/ckpt-....pt --labels RUN/clean    # cRT on them
+      mopro-fast report RUN                         # HTML page: curves, counts, galleries
     """
 
 
@@ -37,6 +42,11 @@ main.add_command(bench)
 main.add_command(demo)
 main.add_command(train_command)
 main.add_command(eval_command)
+main.add_command(clean_command)
+main.add_command(retrain_command)
+main.add_command(export_command)
+main.add_command(import_command)
+main.add_command(report_command)
 
 if __name__ == "__main__":
     main()

@@ -201,7 +201,47 @@ class Config:
 
 # ---- loading ------------------------------------------------------------------------------------
 
-_HINTS = {cls: get_type_hints(cls) for cls in [Config, *get_type_hints(Config).values()]}  # field types
+@dataclass
+class CrtConfig:
+    """Classifier re-training after MoPro (cRT; DESIGN.md section 1, "After training"; the original
+    code's classifier_retrain.py). The encoder is frozen (eval mode, BN statistics included); only
+    the classifier is trained, on the cleaned labels, with class-balanced sampling."""
+
+    epochs: int = spec(15, ge=1)
+    """Epochs; each draws as many samples (with replacement, class-balanced) as the cleaned set holds."""
+    lr: float = spec(0.01, gt=0)
+    """Learning rate for a batch of `base_batch`; scaled linearly to `batch_size`."""
+    base_batch: int = spec(256, ge=1)
+    """Batch (samples) that `lr` is given for."""
+    batch_size: int = spec(256, ge=1)
+    """Samples per step."""
+    momentum: float = spec(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    weight_decay: float = spec(0.0, ge=0)
+    """L2 weight decay (paper: none)."""
+    milestones: list[int] = spec([5, 10], ge=1)
+    """Epochs at which the lr is multiplied by `gamma`; increasing, < epochs."""
+    gamma: float = spec(0.1, gt=0, le=1)
+    """Step decay factor."""
+    balance_power: float = spec(0.5, ge=0)
+    """A sample of class c is drawn with weight n_c^-power: 0.5 = paper, 0 = uniform, 1 = every class equally."""
+    init: str = spec("trained", choices=("trained", "random"))
+    """Start from the trained classifier (as the original code does) or from N(0, 0.01) weights and zero bias."""
+    seed: int = spec(0, ge=0)
+    """Seed of the sampling and of a random init."""
+
+
+@dataclass
+class CrtRecipe:
+    """A cRT recipe (recipes/crt.yaml): one section; data, model and loader come from the checkpoint."""
+
+    crt: CrtConfig = field(default_factory=CrtConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_HINTS = {cls: get_type_hints(cls) for cls in [Config, *get_type_hints(Config).values(), CrtRecipe, CrtConfig]}
 
 def load_config(recipe_path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Recipe file, then `section.key=value` overrides in order; checked and validated."""
@@ -220,7 +260,19 @@ def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source
     return _build(OmegaConf.create(data), overrides, source)
 
 
-def _build(raw: Any, overrides: Sequence[str], path: str) -> Config:
+def load_crt_config(recipe_path: str | Path, overrides: Sequence[str] = ()) -> CrtRecipe:
+    """A cRT recipe (recipes/crt.yaml) with `crt.key=value` overrides; checked like a training recipe."""
+    path = str(recipe_path)
+    try:
+        raw = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return _build(raw, overrides, path, root=CrtRecipe)
+
+
+def _build(raw: Any, overrides: Sequence[str], path: str, root: type = Config) -> Any:
     layers = [(raw, f"in {path}")]
     for item in overrides:
         key, eq, _ = item.partition("=")
@@ -230,11 +282,11 @@ def _build(raw: Any, overrides: Sequence[str], path: str) -> Config:
             layers.append((OmegaConf.from_dotlist([item]), f"in override '{item}'"))
         except (yaml.YAMLError, OmegaConfBaseException) as e:
             raise ConfigError(f"{key}: cannot parse override '{item}': {e}") from None
-    merged = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(root)
     for layer, source in layers:
         if not OmegaConf.is_dict(layer):
-            raise ConfigError(f"{path}: a recipe must be a mapping of sections ({', '.join(_HINTS[Config])})")
-        _check_section(Config, OmegaConf.to_container(layer, resolve=False), "", source)
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections ({', '.join(_HINTS[root])})")
+        _check_section(root, OmegaConf.to_container(layer, resolve=False), "", source)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
@@ -245,7 +297,7 @@ def _build(raw: Any, overrides: Sequence[str], path: str) -> Config:
         raise ConfigError(f"{e.full_key}: missing; set it in {path} or as an override {e.full_key}=...") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{e.full_key or path}: {str(e).splitlines()[0]}") from None
-    validate(cfg)
+    validate(cfg) if root is Config else validate_crt(cfg)
     return cfg
 
 
@@ -268,7 +320,7 @@ def _check_section(cls: type, raw: Any, prefix: str, source: str) -> None:
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in _HINTS[cls]:
-            kind = "section" if cls is Config else "key"
+            kind = "section" if cls in (Config, CrtRecipe) else "key"
             raise ConfigError(f"{dotted}: unknown {kind} {source}{_suggest(cls, prefix, str(key))}")
         tp = _HINTS[cls][key]
         if dataclasses.is_dataclass(tp):
@@ -324,8 +376,8 @@ def _field_problem(meta: dict[str, Any], value: Any) -> str | None:
     return None if ok else f"must be {_range_text(bounds)}, got {value}"
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for the first impossible value (field ranges, choices, then cross-field)."""
+def _validate_fields(cfg: Any) -> None:
+    """ConfigError for the first field outside its range or choices (any sectioned config)."""
     for section in dataclasses.fields(cfg):
         sec = getattr(cfg, section.name)
         for f in dataclasses.fields(sec):
@@ -334,6 +386,19 @@ def validate(cfg: Config) -> None:
                 if item is not None and (problem := _field_problem(dict(f.metadata), item)) is not None:
                     where = f"[{i}]" if isinstance(value, list) else ""
                     raise ConfigError(f"{section.name}.{f.name}{where}: {problem}")
+
+
+def validate_crt(recipe: CrtRecipe) -> None:
+    """Field ranges, then the milestones against the epochs."""
+    _validate_fields(recipe)
+    c = recipe.crt
+    if not (all(0 < a < c.epochs for a in c.milestones) and list(c.milestones) == sorted(set(c.milestones))):
+        raise ConfigError(f"crt.milestones: {c.milestones} must be increasing epochs below crt.epochs ({c.epochs})")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first impossible value (field ranges, choices, then cross-field)."""
+    _validate_fields(cfg)
     d, s, m, ld = cfg.data, cfg.schedule, cfg.mopro, cfg.loader
     checks = [
         ("data.shards", d.shards not in ("", MISSING), "missing; the folder `mopro-fast convert` wrote"),

@@ -47,24 +47,17 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
     Works in one process and under torchrun; the result is the same whatever the number of ranks.
     """
     from mopro_fast import runtime
-    from mopro_fast.checkpoint import load_checkpoint
-    from mopro_fast.config import config_from_dict
     from mopro_fast.data import build_eval_loader
     from mopro_fast.data.manifest import read_manifest
-    from mopro_fast.model import MoProNet
+    from mopro_fast.trained import load_trained
 
     dist.init_from_env()
-    state = load_checkpoint(Path(checkpoint))
-    cfg = config_from_dict(state["config"], overrides)
-    device = runtime.pick_device(cfg.run.device)
+    trained = load_trained(Path(checkpoint), overrides)  # query network in eval mode, on the config's device
+    cfg, net, device = trained.cfg, trained.net, trained.device
     manifest = read_manifest(Path(cfg.data.shards))
-    num_classes = cfg.data.num_classes or manifest.num_classes
-    net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem)
-    query = {k[len("query."):]: v for k, v in state["model"].items() if k.startswith("query.")}
-    net.load_state_dict(query)
-    net.to(device)
-    if cfg.run.channels_last:
-        net.to(memory_format=torch.channels_last)
+    if manifest.num_classes != trained.num_classes:
+        raise ValueError(f"{cfg.data.shards} has {manifest.num_classes} classes, the checkpoint's classifier "
+                         f"{trained.num_classes}: wrong shards (set data.shards=...)")
     results = {}
     for split in splits or [s for s in cfg.data.eval_splits if s in manifest.splits]:
         loader = build_eval_loader(cfg.loader.backend, shards=Path(cfg.data.shards), split=split,

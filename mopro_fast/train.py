@@ -73,8 +73,11 @@ def train_step(mopro_enabled: bool, step_fn, mopro: MoPro, query: nn.Module, opt
     return metrics
 
 
-def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
-    """Train as the recipe says; returns the final summary (also in RUN/summary.json)."""
+def train(cfg: Config, resume: str | None = None, progress: bool = True, init: str | None = None) -> dict:
+    """Train as the recipe says; returns the final summary (also in RUN/summary.json).
+
+    `init`: a checkpoint whose model weights start the run (fine-tuning; see `init_from`).
+    """
     # ------------------------------------------------------------------ Setup
     dist.init_from_env()
     rank, world = dist.rank(), dist.world_size()
@@ -96,6 +99,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
     mopro = MoPro(net, num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
                   cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
                   cfg.mopro.w_inst, cfg.mopro.w_proto).to(device)
+    if init:
+        note = init_from(Path(init), mopro)
+        if dist.is_main():
+            print(note, flush=True)
     if cfg.run.channels_last:
         mopro.to(memory_format=torch.channels_last)
     dist.broadcast_module_(mopro)  # key net, queue and prototypes must start equal on every rank
@@ -238,6 +245,25 @@ def _save(run_dir: Path, cfg: Config, pos: Position, mopro: MoPro, optimizer, sc
     dist.barrier()
 
 
+def init_from(path: Path, mopro: MoPro) -> str:
+    """Start from the model weights of a checkpoint (e.g. one made by `mopro-fast import`): every
+    tensor whose name and shape match is copied; the others (a classifier and prototypes for another
+    class count, a queue of another length) keep their fresh values. Optimiser, schedule and RNG
+    start fresh. Returns a one-line note of what was taken."""
+    from mopro_fast.checkpoint import CheckpointError
+
+    model = load_checkpoint(path)["model"]
+    own = mopro.state_dict()
+    taken = {k: v for k, v in model.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("query.encoder.") for k in taken):
+        raise CheckpointError(f"--init {path.name}: none of its encoder weights fit model.arch / model.small_stem "
+                              f"of this recipe")
+    mopro.load_state_dict(taken, strict=False)  # copies in place: the flat EMA buffers stay intact
+    fresh = sorted(set(own) - set(taken))
+    return (f"initialised from {path} ({len(taken)} tensors)"
+            + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+
+
 def _resume(resume: str, run_dir: Path, mopro: MoPro, optimizer, scaler, device) -> Position:
     if resume == "auto":
         found = find_resumable(run_dir, map_location=device)
@@ -249,6 +275,10 @@ def _resume(resume: str, run_dir: Path, mopro: MoPro, optimizer, scaler, device)
     else:
         path = Path(resume)
         state = load_checkpoint(path, map_location=device)
+    if state.get("optimizer") is None:
+        from mopro_fast.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path}: holds weights only (imported?), nothing to resume; use --init {path}")
     mopro.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

@@ -15,8 +15,12 @@ import click
 @click.option("--resume", default=None, metavar="auto|PATH",
               help="auto: continue from the newest usable checkpoint in run.out (broken ones are skipped); "
                    "or a checkpoint file.")
+@click.option("--init", "init", default=None, metavar="PATH", type=click.Path(dir_okay=False, path_type=Path),
+              help="Fine-tune: start from the model weights of this checkpoint (e.g. from `mopro-fast import`); "
+                   "optimiser and schedule start fresh, tensors whose shape differs stay fresh.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to RUN/metrics.jsonl).")
-def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, no_progress: bool) -> None:
+def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, init: Path | None,
+                  no_progress: bool) -> None:
     """Train MoPro as RECIPE says (a YAML file in recipes/), with dotted overrides.
 
     \b
@@ -40,14 +44,20 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
         cfg = load_config(recipe, list(overrides))
     except ConfigError as exc:
         fail(str(exc))
+    if resume and init:
+        fail("--resume and --init exclude each other: --resume continues a run, --init starts a new one from weights")
+    if init is not None and not init.is_file():
+        fail(f"--init {init}: no such checkpoint file")
+    from mopro_fast.checkpoint import CheckpointError
     from mopro_fast.data import BackendUnavailable
     from mopro_fast.data.manifest import ManifestError
     from mopro_fast.train import TrainingStopped, train
     from mopro_fast.truth import TruthError
 
     try:
-        summary = train(cfg, resume=resume, progress=not no_progress and sys.stderr.isatty())
-    except (ConfigError, BackendUnavailable, ManifestError, TruthError) as exc:
+        summary = train(cfg, resume=resume, progress=not no_progress and sys.stderr.isatty(),
+                        init=str(init) if init else None)
+    except (ConfigError, BackendUnavailable, ManifestError, TruthError, CheckpointError) as exc:
         fail(str(exc))
     except TrainingStopped as exc:
         fail(str(exc), code=3)
