@@ -74,6 +74,8 @@ def torchvision_state_dict(model_state: dict[str, Tensor], small_stem: bool, wit
 def original_state_dict(raw) -> dict[str, Tensor]:
     """The MoPro state dict inside an original checkpoint (`state_dict` entry or the dict itself),
     with the DDP `module.` prefix removed."""
+    if isinstance(raw, dict) and "model" in raw and "config" in raw:
+        raise InteropError("this is already a mopro-fast checkpoint: eval, clean and train --init take it as it is")
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
         raise InteropError("not an original MoPro checkpoint: no state_dict of tensors")

@@ -101,14 +101,29 @@ def thumbnail(jpeg: bytes) -> bytes:
     return buf.getvalue()
 
 
+def _round_robin(records: list[dict], key: str, n: int) -> list[dict]:
+    """Up to n records, taking the best remaining one of each class in turn (records come best
+    first), so a gallery shows every class instead of the one the model is surest about."""
+    by_class: dict = {}
+    for r in records:
+        by_class.setdefault(r[key], []).append(r)
+    queues, out = list(by_class.values()), []
+    while len(out) < n and queues:
+        out += [q.pop(0) for q in queues][: n - len(out)]
+        queues = [q for q in queues if q]
+    return out
+
+
 def pick_galleries(records: list[dict], n: int) -> dict[str, list[dict]]:
-    """The samples shown: relabelled (most confident first), OOD (least support for the web label
-    first), and the most confident kept ones (both scores of their label high)."""
+    """The samples shown, classes taken in turn: relabelled (most confident first, by new label),
+    OOD (least support for the web label first, by web label), and the most confident kept ones
+    (both scores of their label high)."""
     relabelled = sorted((r for r in records if r["status"] == "relabelled"),
                         key=lambda r: -(r["score_cls"] + r["score_proto"]))
     ood = sorted((r for r in records if r["status"] == "ood"), key=lambda r: r["soft_web"])
     clean = sorted((r for r in records if r["status"] == "kept"), key=lambda r: -min(r["score_cls"], r["score_proto"]))
-    return {"relabelled": relabelled[:n], "ood": ood[:n], "clean": clean[:n]}
+    return {"relabelled": _round_robin(relabelled, "label", n), "ood": _round_robin(ood, "web_label", n),
+            "clean": _round_robin(clean, "label", n)}
 
 
 def _name(names: list[str], c) -> str:
@@ -145,7 +160,7 @@ CSS = """body{font-family:sans-serif;margin:24px;max-width:1150px;color:#222}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 .plots img{max-width:560px;margin:4px}.gallery{display:flex;flex-wrap:wrap}
-figure{margin:4px;width:118px;font-size:11px;text-align:center}figure img{width:96px;height:96px;object-fit:contain;
+figure{margin:4px;width:118px;font-size:11px;text-align:center;overflow-wrap:anywhere}figure img{width:96px;height:96px;object-fit:contain;
 background:#eee}.ok{color:#1a7f37}.bad{color:#c62828}.note{color:#555;font-size:13px}"""
 
 
