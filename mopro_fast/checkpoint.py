@@ -8,15 +8,19 @@ version. File names sort by global step: `ckpt-e0003-s00001234.pt`.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import subprocess
-import warnings
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from mopro_fast.safe_io import atomic_write, free_bytes
 
 PATTERN = re.compile(r"ckpt-e(\d+)-s(\d+)\.pt$")
 REQUIRED = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "config")
@@ -46,15 +50,36 @@ def save_checkpoint(run_dir: Path, state: dict, keep_last: int) -> Path:
 
 
 def write_checkpoint(path: Path, state: dict) -> Path:
-    """torch.save `state` to a temporary name next to `path`, flush it to disk, rename it to `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    """torch.save `state` to a temporary name next to `path`, flush it to disk, rename it to `path`.
+
+    On a full disk (or any failed write) the temporary file is removed, `path` and every older
+    checkpoint stay as they were, and an OutputError says how much space the checkpoint needs.
+    """
+    needed = state_bytes(state)
+    return atomic_write(Path(path), lambda fh: _torch_save(state, fh, needed), needed=needed)
+
+
+def _torch_save(state: dict, fh, needed: int) -> None:
+    try:
         torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    except RuntimeError as exc:
+        # torch's zip writer reports a failed write as RuntimeError("... unexpected pos ..."), not as
+        # the OSError it was: with the temporary file still there, a full disk shows as no space left.
+        free = free_bytes(Path(fh.name))
+        if free is not None and free < min(needed, 64 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise OSError(errno.EIO, f"torch.save failed: {str(exc).splitlines()[0][:160]}") from None
+
+
+def state_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its checkpoint file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -69,13 +94,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def find_resumable(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
-    """The newest checkpoint in `run_dir` that loads; broken ones are skipped with a warning."""
+def find_resumable(run_dir: Path, map_location: str | torch.device = "cpu",
+                   warn: Callable[[str], None] | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint in `run_dir` that loads; broken ones are skipped with a one-line
+    warning (`warn`, default: printed to stderr)."""
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     for path in list_checkpoints(run_dir):
         try:
             return path, load_checkpoint(path, map_location)
         except ValueError as exc:
-            warnings.warn(f"skipping checkpoint {exc}", stacklevel=2)
+            warn(f"warning: skipping checkpoint {exc}; trying the next older one")
     return None
 
 

@@ -171,12 +171,18 @@ class RunConfig:
     """Evaluate every N epochs, and always after the last."""
     ckpt_every_steps: int = spec(0, ge=0)
     """Also checkpoint every N steps; 0 = only at epoch ends."""
+    ckpt_every_minutes: float = spec(30.0, ge=0)
+    """Also checkpoint when this many minutes passed since the last save (WebVision epochs are long); 0 = off.
+    With several ranks it is checked every `log_every` steps."""
     keep_last: int = spec(3, ge=1)
     """Checkpoints kept in the run folder."""
     log_every: int = spec(50, ge=1)
     """Steps between metric reductions / log lines."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
+    progress_seconds: float = spec(30.0, ge=0)
+    """Without a terminal (nohup, SLURM, CI): one plain progress line on stderr every this many seconds
+    (step/total, images/s, ETA, loss, data wait); 0 = none. On a terminal a progress bar is shown instead."""
     max_steps_per_epoch: int = spec(0, ge=0)
     """Cap on steps per epoch for smoke runs; 0 = no cap."""
 

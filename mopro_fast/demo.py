@@ -41,6 +41,8 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
     from data_tools.fixture import FixtureSpec, make_fixture
     from data_tools.verify import verify
     from mopro_fast.config import ConfigError, load_config
+    from mopro_fast.runfolder import RunFolderError
+    from mopro_fast.safe_io import OutputError
     from mopro_fast.train import train
 
     progress = sys.stderr.isatty()
@@ -76,15 +78,18 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
     plan = [("mopro", [])] + ([("ce", ["mopro.enabled=false"])] if baseline else [])
     for i, (name, extra) in enumerate(plan, 3):
         run_dir = runs / f"demo-{name}"
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a demo always trains from scratch
         click.echo(f"[{i}/{steps}] training {'MoPro' if name == 'mopro' else 'the cross-entropy baseline'} "
                    f"({recipe.name}) into {run_dir} ...")
         try:
             cfg = load_config(recipe, [*common, f"run.out={run_dir}", *extra])
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
-        results[name] = train(cfg, progress=progress)
+        # A demo always trains from scratch: the earlier demo run's files are replaced (and a run
+        # still writing there is refused by the run folder's lock).
+        try:
+            results[name] = train(cfg, overwrite_run=True)
+        except (RunFolderError, OutputError) as exc:
+            raise click.ClickException(str(exc)) from None
 
     click.echo(f"[{steps}/{steps}] summary")
     summary = {name: {"val": r["eval"].get("val"), "imagenet-val": r["eval"].get("imagenet-val"),

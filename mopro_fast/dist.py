@@ -116,6 +116,29 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return all_reduce_sum(x).div_(world_size())
 
 
+def any_true(*flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any rank (e.g. a stop signal seen by one rank): one small
+    all-reduce and a host sync, so the loop calls it once per log window, not per step. The
+    identity in one process."""
+    if world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def broadcast_error(message: str | None) -> str | None:
+    """Rank 0's error message (or None) on every rank, so a check done by rank 0 alone (the run
+    folder) stops every rank with the same line instead of leaving them waiting."""
+    if world_size() == 1:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (e.g. around checkpoint writes). No-op in one process."""
     if world_size() > 1:

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mopro_fast import dist
+from mopro_fast.safe_io import OutputError, describe
 
 
 class RunLog:
-    """Rank-0 writer of metrics.jsonl and TensorBoard events (a no-op on other ranks)."""
+    """Rank-0 writer of metrics.jsonl and TensorBoard events (a no-op on other ranks).
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    `purge_step`: a resumed run's position; TensorBoard drops the events logged past it by the
+    interrupted run (metrics.jsonl is cut back by `RunFolder.truncate_log`), so the curves read
+    as one run. A failed write (full disk) is an OutputError, one line.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = open(self.path, "a", buffering=1) if enabled else None
@@ -23,13 +35,16 @@ class RunLog:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
 
     def write(self, kind: str, step: int, epoch: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         record = {"kind": kind, "epoch": epoch, "step": step, **{k: _clean(v) for k, v in values.items()}}
-        self._fh.write(json.dumps(record) + "\n")
+        try:
+            self._fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise OutputError(describe(exc, self.path)) from None
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -40,6 +55,51 @@ class RunLog:
             self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class LogWindow:
+    """The metrics of the steps since the last log line: sums of the step metrics (device tensors,
+    no host sync), data-wait time and wall time; `close` reduces them over ranks (one sync)."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps, self.wait, self.start = 0, 0.0, time.perf_counter()
+
+    def fetch(self, batches):
+        """The next batch (None at the end), its wait counted as data wait (on CUDA a lower bound:
+        kernels run asynchronously)."""
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        self.wait += time.perf_counter() - t0
+        return batch
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0) + value.float()
+        self.steps += 1
+
+    def close(self, lr: float) -> tuple[dict[str, float], float]:
+        """Mean metrics over the window and the ranks, plus lr, images/s and data-wait share;
+        returns them and the window's wait seconds, and starts a new window."""
+        values = _reduce({k: v / self.steps for k, v in self.sums.items()}) if self.steps else {}
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        values.update(lr=lr, images_per_s=self.steps * self.global_batch / elapsed, data_wait=self.wait / elapsed)
+        wait = self.wait
+        self.reset()
+        return values, wait
+
+
+def _reduce(values: dict[str, Tensor]) -> dict[str, float]:
+    """Mean over ranks of each metric, as Python floats: one all-reduce and one host sync."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = dist.all_reduce_mean(torch.stack([values[k] for k in keys]))
+    return dict(zip(keys, stacked.tolist()))
 
 
 def _clean(value):
@@ -83,7 +143,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         if ax.lines:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(run_dir / name)
-        plt.close(fig)
+        try:
+            fig.savefig(run_dir / name)
+        except OSError as exc:
+            raise OutputError(describe(exc, run_dir / name)) from None
+        finally:
+            plt.close(fig)
         written.append(run_dir / name)
     return written

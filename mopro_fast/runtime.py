@@ -24,7 +24,9 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+        from mopro_fast.config import ConfigError
+
+        raise ConfigError("run.device: cuda, but no CUDA device is visible here; use run.device=auto or cpu")
     device = torch.device("cuda", dist.local_rank())
     torch.cuda.set_device(device)
     return device

@@ -1,15 +1,18 @@
 """`mopro-fast train RECIPE`: the training loop (DESIGN.md sections 1 and 3).
 
-Sections: Setup (process group, device, config, run folder), Model (MoPro state, DDP around the
-query network only, optimiser), Resume, Data, Loop (one readable step per batch), Evaluation and
-checkpoints. The same code runs on a CPU in one process and under `torchrun` on many GPUs; all
-rank logic is in `mopro_fast.dist`, and the trainer never asks which loader backend it has.
+`train` claims the run folder (locked, never mixed with an old run: `mopro_fast.runfolder`),
+`_setup` builds one `Run` (device, resume point, model, optimiser, loaders, log), `_loop` runs the
+epochs (one readable step per batch, a log window every `run.log_every` steps, evaluation and a
+checkpoint per epoch, a checkpoint on SIGINT/SIGTERM or every `run.ckpt_every_minutes`), `_finish`
+writes the summary. The same code runs on a CPU in one process and under `torchrun` on many GPUs;
+all rank logic is in `mopro_fast.dist`, and the trainer never asks which loader backend it has.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +22,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mopro_fast import dist, runtime
-from mopro_fast.checkpoint import code_version, find_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mopro_fast.config import Config, derive, lr_at, mopro_switches
+from mopro_fast.checkpoint import (CheckpointError, checkpoint_name, code_version, find_resumable, load_checkpoint,
+                                   rng_state, save_checkpoint, set_rng_state)
+from mopro_fast.config import Config, Derived, derive, lr_at, mopro_switches
 from mopro_fast.data import build_eval_loader, build_train_loader
-from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.manifest import ManifestError, read_manifest
 from mopro_fast.evaluate import evaluate
+from mopro_fast.interrupt import Every, StopRequest, TrainingInterrupted
 from mopro_fast.model import MoProNet
 from mopro_fast.mopro import MoPro
-from mopro_fast.observe import RunLog, plot_run
+from mopro_fast.observe import LogWindow, RunLog, plot_run
+from mopro_fast.progress import Progress
+from mopro_fast.runfolder import RunFolder, RunFolderError
+from mopro_fast.safe_io import OutputError, atomic_write_text, describe
 from mopro_fast.step import mopro_step
 from mopro_fast.truth import truth_by_index
 
@@ -73,30 +81,96 @@ def train_step(mopro_enabled: bool, step_fn, mopro: MoPro, query: nn.Module, opt
     return metrics
 
 
-def train(cfg: Config, resume: str | None = None, progress: bool = True, init: str | None = None) -> dict:
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `_setup`."""
+
+    cfg: Config
+    derived: Derived
+    folder: RunFolder
+    device: torch.device
+    world: int
+    mopro: MoPro
+    query: nn.Module  # mopro.query, wrapped in DDP with several ranks
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    step_fn: object
+    pos: Position
+    train_loader: object = None
+    eval_loaders: dict = None
+    truth: Tensor | None = None
+    log: RunLog = None
+
+
+def train(cfg: Config, resume: str | None = None, progress: bool = True, init: str | None = None,
+          overwrite_run: bool = False) -> dict:
     """Train as the recipe says; returns the final summary (also in RUN/summary.json).
 
     `init`: a checkpoint whose model weights start the run (fine-tuning; see `init_from`).
+    `overwrite_run`: a new run may replace the run already in `run.out` (else that is refused).
+    A finished run resumed returns `{"finished": ...}` and changes nothing.
     """
-    # ------------------------------------------------------------------ Setup
     dist.init_from_env()
+    folder = _claim(Path(cfg.run.out), resume, overwrite_run)  # rank 0 locks it until we return
+    try:
+        run = _setup(cfg, folder, resume, init)
+        if isinstance(run, dict):
+            return run  # finished already
+        with StopRequest() as stop:
+            bar = Progress(run.derived.total_steps, "train", unit="step", every_s=cfg.run.progress_seconds,
+                           initial=run.pos.global_step, enabled=progress and dist.is_main(), rate_unit="img",
+                           rate_per_unit=run.derived.global_batch)
+            try:
+                results, batches_per_epoch, stats = _loop(run, stop, bar)
+            finally:
+                bar.close()
+                run.log.close()
+        return _finish(run, results, batches_per_epoch, stats)
+    finally:
+        folder.release()
+
+
+def _claim(run_dir: Path, resume: str | None, overwrite_run: bool) -> RunFolder:
+    """Rank 0 checks and locks the run folder; a refusal stops every rank with the same line."""
+    folder, error = RunFolder(run_dir), None
+    if dist.is_main():
+        try:
+            folder.claim()
+            if resume is None and overwrite_run:
+                removed = folder.clear_run()
+                if removed:
+                    print(f"--overwrite-run: removed the earlier run in {run_dir} ({len(removed)} files)", flush=True)
+            elif resume is None:
+                folder.refuse_new_run_over_old()
+        except (OutputError, RunFolderError) as exc:
+            folder.release()
+            error = exc
+    message = dist.broadcast_error(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RunFolderError(message)
+    return folder
+
+
+def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None) -> Run | dict:
+    """Device, data sizes, resume point, model, optimiser, loaders, log (DESIGN.md section 3)."""
     rank, world = dist.rank(), dist.world_size()
     device = runtime.pick_device(cfg.run.device)
     runtime.configure_backends(device, cfg.run.cudnn_benchmark, cfg.run.tf32, cfg.run.deterministic)
     runtime.seed_everything(cfg.run.seed)  # same on every rank: identical initial weights
     manifest = read_manifest(Path(cfg.data.shards))
+    eval_splits = _eval_splits(cfg, manifest)
     derived = derive(cfg, world, manifest.num_written(cfg.data.train_split), manifest_classes=manifest.num_classes)
-    num_classes = derived.num_classes
-    run_dir = Path(cfg.run.out)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        (run_dir / "derived.json").write_text(json.dumps(derived.to_dict(), indent=1) + "\n")
-        print(derived.describe(), flush=True)
+    found = _find_resume(resume, folder.path, device)
+    if found is not None and found[1]["epoch"] >= cfg.schedule.epochs:
+        return _already_finished(cfg, folder.path, *found)  # before anything is written
 
-    # ------------------------------------------------------------------ Model
-    net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem)
-    mopro = MoPro(net, num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
+    # ---- model
+    net = MoProNet(derived.num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden,
+                   cfg.model.small_stem)
+    mopro = MoPro(net, derived.num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
                   cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
                   cfg.mopro.w_inst, cfg.mopro.w_proto).to(device)
     if init:
@@ -113,121 +187,149 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, init: s
     optimizer = runtime.sgd(mopro.query.parameters(), derived.lr, cfg.optim.momentum, cfg.optim.weight_decay,
                             cfg.optim.nesterov, cfg.optim.impl, device)
     scaler = runtime.grad_scaler(device, cfg.run.precision)
-    autocast = runtime.autocast(device, cfg.run.precision)
-    step_fn = torch.compile(mopro_step) if cfg.run.compile else mopro_step
+    run = Run(cfg, derived, folder, device, world, mopro, query, optimizer, scaler,
+              runtime.autocast(device, cfg.run.precision),
+              torch.compile(mopro_step) if cfg.run.compile else mopro_step, Position())
+    if found is not None:
+        run.pos = _apply_resume(*found, run)  # (a checkpoint that does not fit fails here, nothing written yet)
+    if dist.is_main():
+        if resume:
+            folder.truncate_log(run.pos.global_step)  # the replayed steps are logged again, once
+        atomic_write_text(folder.path / "config.yaml", cfg.to_yaml())
+        atomic_write_text(folder.path / "derived.json", json.dumps(derived.to_dict(), indent=1) + "\n")
+        print(derived.describe(), flush=True)
 
-    # ------------------------------------------------------------------ Resume
-    pos = Position()
-    if resume:
-        pos = _resume(resume, run_dir, mopro, optimizer, scaler, device)
-
-    # ------------------------------------------------------------------ Data
+    # ---- data
     loader_args = dict(shards=Path(cfg.data.shards), batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
                        rank=rank, world_size=world, device=device, channels_last=cfg.run.channels_last,
                        prefetch=cfg.loader.prefetch, hw_decoder_load=cfg.loader.hw_decoder_load)
-    train_loader = build_train_loader(cfg.loader.backend, split=cfg.data.train_split,
-                                      resolution=cfg.loader.resolution, shuffle_buffer=cfg.loader.shuffle_buffer,
-                                      seed=cfg.run.seed, steps_per_epoch=derived.steps_per_epoch, **loader_args)
-    eval_splits = [s for s in cfg.data.eval_splits if s in manifest.splits]
-    eval_loaders = {s: build_eval_loader(cfg.loader.backend, split=s, resolution=cfg.loader.eval_resolution,
-                                         resize=cfg.loader.eval_resize, **loader_args) for s in eval_splits}
-    truth = None
+    run.train_loader = build_train_loader(cfg.loader.backend, split=cfg.data.train_split,
+                                          resolution=cfg.loader.resolution, shuffle_buffer=cfg.loader.shuffle_buffer,
+                                          seed=cfg.run.seed, steps_per_epoch=derived.steps_per_epoch, **loader_args)
+    run.eval_loaders = {s: build_eval_loader(cfg.loader.backend, split=s, resolution=cfg.loader.eval_resolution,
+                                             resize=cfg.loader.eval_resize, **loader_args) for s in eval_splits}
     if cfg.data.truth:
-        truth = truth_by_index(Path(cfg.data.shards), cfg.data.train_split, Path(cfg.data.truth)).to(device)
+        run.truth = truth_by_index(Path(cfg.data.shards), cfg.data.train_split, Path(cfg.data.truth)).to(device)
+    run.log = RunLog(folder.path, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
+                     purge_step=run.pos.global_step if resume else None)
+    return run
 
-    # ------------------------------------------------------------------ Loop
-    log = RunLog(run_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard)
+
+def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], dict]:
+    """The epochs: steps, a log line every `run.log_every` steps, evaluation and a checkpoint at
+    each epoch's end. A signal or `run.ckpt_every_minutes` saves at the current step. With one
+    process both are read every step (no sync); with several, at each log line, where the ranks
+    agree on them in one small all-reduce."""
+    cfg, d, pos = run.cfg, run.derived, run.pos
     results: dict[str, dict] = {}
     batches_per_epoch: list[int] = []  # this rank's, written to RUN/ranks/ (DDP needs them all equal)
-    seen_images, start_time, wait_time = 0, time.perf_counter(), 0.0
+    stats = {"images": 0, "wait": 0.0, "start": time.perf_counter()}
+    timer = Every(cfg.run.ckpt_every_minutes)
+    for epoch in range(pos.epoch, cfg.schedule.epochs):
+        use_proto, clean = mopro_switches(cfg, epoch)
+        run.train_loader.set_epoch(epoch, start_step=pos.step_in_epoch)
+        window, batches, received = LogWindow(d.global_batch), iter(run.train_loader), 0
+        while pos.step_in_epoch < d.steps_per_epoch:
+            batch = _next_batch(run, window, batches, received, stop)
+            received += 1
+            lr = lr_at(d, pos.global_step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            window.add(train_step(cfg.mopro.enabled, run.step_fn, run.mopro, run.query, run.optimizer, run.scaler,
+                                  run.autocast, batch, use_proto, clean,
+                                  None if run.truth is None else run.truth[batch.index]))
+            pos.global_step, pos.step_in_epoch = pos.global_step + 1, pos.step_in_epoch + 1
+            stats["images"] += d.global_batch
+            bar.update(1)
+            last = pos.step_in_epoch == d.steps_per_epoch
+            every_n = bool(cfg.run.ckpt_every_steps) and pos.global_step % cfg.run.ckpt_every_steps == 0
+            urgent = run.world == 1 and (stop.requested or timer.due())
+            if window.steps == cfg.run.log_every or last or every_n or urgent:  # (a save needs a finite-loss check)
+                values, wait = window.close(lr)  # one sync per window
+                _check_finite(values, pos)
+                run.log.write("train", pos.global_step, epoch, values)
+                stats["wait"] += wait
+                bar.update(0, epoch=epoch, loss=values.get("loss", float("nan")), wait=f"{values['data_wait']:.0%}")
+                halt, due = dist.any_true(stop.requested, timer.due())
+                if (every_n or due or halt) and not last:  # the epoch's end saves anyway, after evaluation
+                    _save(run, timer)
+                if halt and not last:
+                    raise _interrupted(run, stop)
+        batches_per_epoch.append(received)
+        pos.epoch, pos.step_in_epoch = epoch + 1, 0
+        if run.eval_loaders and ((epoch + 1) % cfg.run.eval_every == 0 or pos.epoch == cfg.schedule.epochs):
+            results = _evaluate(run, epoch)
+        _save(run, timer)
+        if dist.any_true(stop.requested)[0] and pos.epoch < cfg.schedule.epochs:
+            raise _interrupted(run, stop)
+    return results, batches_per_epoch, stats
+
+
+def _next_batch(run: Run, window: LogWindow, batches, received: int, stop: StopRequest):
+    """The next training batch; a loader that ends early is an error (a short rank would leave the
+    others waiting in DDP forever). If a signal killed the loader's workers while the main process
+    waited (SIGTERM to the process group), the run still saves at the last finished step."""
     try:
-        for epoch in range(pos.epoch, cfg.schedule.epochs):
-            use_proto, clean = mopro_switches(cfg, epoch)
-            train_loader.set_epoch(epoch, start_step=pos.step_in_epoch)
-            sums: dict[str, Tensor] = {}
-            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            bar = _bar(progress and dist.is_main(), derived.steps_per_epoch, pos.step_in_epoch, epoch)
-            batches, received = iter(train_loader), 0
-            for step_in_epoch in range(pos.step_in_epoch, derived.steps_per_epoch):
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                window_wait += time.perf_counter() - t0  # data wait (on CUDA a lower bound: kernels run async)
-                if batch is None:  # a short rank would leave the others waiting in DDP forever
-                    raise RuntimeError(f"rank {rank}: the {cfg.loader.backend} loader ended after {received} "
-                                       f"batches of epoch {epoch}, expected {derived.steps_per_epoch - pos.step_in_epoch}")
-                received += 1
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(derived, pos.global_step)
-                metrics = train_step(cfg.mopro.enabled, step_fn, mopro, query, optimizer, scaler, autocast, batch,
-                                     use_proto, clean, None if truth is None else truth[batch.index])
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0) + value.float()
-                window_steps += 1
-                pos.global_step += 1
-                pos.step_in_epoch = step_in_epoch + 1
-                seen_images += derived.global_batch
-                last = pos.step_in_epoch == derived.steps_per_epoch
-                save_now = bool(cfg.run.ckpt_every_steps) and pos.global_step % cfg.run.ckpt_every_steps == 0
-                if window_steps == cfg.run.log_every or last or save_now:  # (a save needs a finite-loss check)
-                    values = _reduce({k: v / window_steps for k, v in sums.items()})  # one sync per window
-                    elapsed = time.perf_counter() - window_start
-                    values.update(lr=optimizer.param_groups[0]["lr"],
-                                  images_per_s=window_steps * derived.global_batch / max(elapsed, 1e-9),
-                                  data_wait=window_wait / max(elapsed, 1e-9))
-                    _check_finite(values, pos)
-                    log.write("train", pos.global_step, epoch, values)
-                    wait_time += window_wait
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{values['images_per_s']:.0f}",
-                                        wait=f"{values['data_wait']:.0%}")
-                    sums, window_start, window_wait, window_steps = {}, time.perf_counter(), 0.0, 0
-                if bar is not None:
-                    bar.update(1)
-                if save_now and not last:  # the epoch's end saves anyway, after evaluation
-                    _save(run_dir, cfg, pos, mopro, optimizer, scaler)
-            if bar is not None:
-                bar.close()
-            batches_per_epoch.append(received)
+        batch = window.fetch(batches)
+    except Exception:
+        if stop.requested and run.world == 1:
+            _save(run, None)
+            raise _interrupted(run, stop) from None
+        raise
+    if batch is None:
+        expected = run.derived.steps_per_epoch - run.pos.step_in_epoch + received
+        raise RuntimeError(f"rank {dist.rank()}: the {run.cfg.loader.backend} loader ended after {received} "
+                           f"batches of epoch {run.pos.epoch}, expected {expected}")
+    return batch
 
-            # ---- end of epoch: evaluation, checkpoint
-            pos.epoch, pos.step_in_epoch = epoch + 1, 0
-            final = pos.epoch == cfg.schedule.epochs
-            if eval_loaders and ((epoch + 1) % cfg.run.eval_every == 0 or final):
-                for split, loader in eval_loaders.items():
-                    results[split] = evaluate(mopro.query, loader, autocast, device)
-                log.write("eval", pos.global_step, epoch,
-                          {f"{s}/{k}": v for s, r in results.items() for k, v in r.items() if k != "samples"})
-                if dist.is_main():
-                    print(f"epoch {epoch}: " + ", ".join(f"{s} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}"
-                                                         for s, r in results.items()), flush=True)
-            _save(run_dir, cfg, pos, mopro, optimizer, scaler)
-    finally:
-        log.close()
 
-    # ------------------------------------------------------------------ Summary
-    elapsed = time.perf_counter() - start_time
-    summary = {"epochs": cfg.schedule.epochs, "global_step": pos.global_step, "eval": results,
-               "images_per_s": seen_images / max(elapsed, 1e-9), "data_wait": wait_time / max(elapsed, 1e-9),
-               "seconds": elapsed, "world_size": world, "device": str(device), "run_dir": str(run_dir)}
-    (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
-    (run_dir / "ranks" / f"rank-{rank}.json").write_text(json.dumps(
-        {"rank": rank, "world_size": world, "steps_per_epoch": derived.steps_per_epoch,
+def _evaluate(run: Run, epoch: int) -> dict[str, dict]:
+    results = {split: evaluate(run.mopro.query, loader, run.autocast, run.device)
+               for split, loader in run.eval_loaders.items()}
+    run.log.write("eval", run.pos.global_step, epoch,
+                  {f"{s}/{k}": v for s, r in results.items() for k, v in r.items() if k != "samples"})
+    if dist.is_main():
+        print(f"epoch {epoch}: " + ", ".join(f"{s} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}"
+                                             for s, r in results.items()), flush=True)
+    return results
+
+
+def _finish(run: Run, results: dict, batches_per_epoch: list[int], stats: dict) -> dict:
+    """summary.json, this rank's batch counts and the plots."""
+    run_dir, pos = run.folder.path, run.pos
+    elapsed = time.perf_counter() - stats["start"]
+    summary = {"epochs": run.cfg.schedule.epochs, "global_step": pos.global_step, "eval": results,
+               "images_per_s": stats["images"] / max(elapsed, 1e-9), "data_wait": stats["wait"] / max(elapsed, 1e-9),
+               "seconds": elapsed, "world_size": run.world, "device": str(run.device), "run_dir": str(run_dir)}
+    try:
+        (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(describe(exc, run_dir / "ranks", what="create")) from None
+    atomic_write_text(run_dir / "ranks" / f"rank-{dist.rank()}.json", json.dumps(
+        {"rank": dist.rank(), "world_size": run.world, "steps_per_epoch": run.derived.steps_per_epoch,
          "batches_per_epoch": batches_per_epoch}) + "\n")
     if dist.is_main():
         summary["noise"] = _last_noise_metrics(run_dir)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         summary["plots"] = [str(p) for p in plot_run(run_dir)]
     dist.barrier()
     return summary
 
 
-def _reduce(values: dict[str, Tensor]) -> dict[str, float]:
-    """Mean over ranks of each metric, as Python floats: one all-reduce and one host sync."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    stacked = dist.all_reduce_mean(torch.stack([values[k] for k in keys]))
-    return dict(zip(keys, stacked.tolist()))
+def _eval_splits(cfg: Config, manifest) -> list[str]:
+    """The recipe's eval splits that the shards hold; one absent is skipped with a note, one with
+    no samples (every record rejected at conversion) is an error, like an empty training split."""
+    for split in (cfg.data.train_split, *cfg.data.eval_splits):
+        if split in manifest.splits and manifest.num_written(split) == 0:
+            listed = manifest.split(split).get("num_listed", "?")
+            raise ManifestError(f"split {split!r} of {manifest.root} has 0 samples (all {listed} listed records "
+                                f"were rejected by convert, see its manifest's rejects); fix the source and "
+                                f"re-convert, or drop it from data.eval_splits")
+    missing = [s for s in cfg.data.eval_splits if s not in manifest.splits]
+    if missing and dist.is_main():
+        print(f"note: eval split(s) {', '.join(missing)} not in {manifest.root / 'manifest.json'} (it has "
+              f"{', '.join(sorted(manifest.splits))}); skipped", file=sys.stderr, flush=True)
+    return [s for s in cfg.data.eval_splits if s in manifest.splits]
 
 
 def _check_finite(values: dict[str, float], pos: Position) -> None:
@@ -236,13 +338,24 @@ def _check_finite(values: dict[str, float], pos: Position) -> None:
                               f"without saving (the last good checkpoint stays); lower optim.lr or use run.precision=fp32")
 
 
-def _save(run_dir: Path, cfg: Config, pos: Position, mopro: MoPro, optimizer, scaler) -> None:
+def _save(run: Run, timer: Every | None) -> None:
     if dist.is_main():
-        state = {"model": mopro.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
-                 "rng": rng_state(), "config": cfg.to_dict(), "code_version": code_version()}
-        save_checkpoint(run_dir, state, cfg.run.keep_last)
+        pos = run.pos
+        state = {"model": run.mopro.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scaler": run.scaler.state_dict(), "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+                 "global_step": pos.global_step, "rng": rng_state(), "config": run.cfg.to_dict(),
+                 "code_version": code_version()}
+        save_checkpoint(run.folder.path, state, run.cfg.run.keep_last)
     dist.barrier()
+    if timer is not None:
+        timer.reset()
+
+
+def _interrupted(run: Run, stop: StopRequest) -> TrainingInterrupted:
+    pos = run.pos
+    return TrainingInterrupted(f"stopped by {stop.name} at epoch {pos.epoch} step {pos.global_step} after saving "
+                               f"{run.folder.path / checkpoint_name(pos.epoch, pos.global_step)}; continue with "
+                               f"--resume auto", stop.exit_code)
 
 
 def init_from(path: Path, mopro: MoPro) -> str:
@@ -250,8 +363,6 @@ def init_from(path: Path, mopro: MoPro) -> str:
     tensor whose name and shape match is copied; the others (a classifier and prototypes for another
     class count, a queue of another length) keep their fresh values. Optimiser, schedule and RNG
     start fresh. Returns a one-line note of what was taken."""
-    from mopro_fast.checkpoint import CheckpointError
-
     model = load_checkpoint(path)["model"]
     own = mopro.state_dict()
     taken = {k: v for k, v in model.items() if k in own and own[k].shape == v.shape}
@@ -264,36 +375,60 @@ def init_from(path: Path, mopro: MoPro) -> str:
             + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
 
 
-def _resume(resume: str, run_dir: Path, mopro: MoPro, optimizer, scaler, device) -> Position:
+def _find_resume(resume: str | None, run_dir: Path, device) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from (`auto`: the newest usable one in the run folder), or None."""
+    if not resume:
+        return None
     if resume == "auto":
-        found = find_resumable(run_dir, map_location=device)
-        if found is None:
-            if dist.is_main():
-                print(f"resume auto: no usable checkpoint in {run_dir}; starting from scratch", flush=True)
-            return Position()
-        path, state = found
-    else:
-        path = Path(resume)
-        state = load_checkpoint(path, map_location=device)
-    if state.get("optimizer") is None:
-        from mopro_fast.checkpoint import CheckpointError
+        found = find_resumable(run_dir, map_location=device,
+                               warn=lambda line: print(line, file=sys.stderr, flush=True) if dist.is_main() else None)
+        if found is None and dist.is_main():
+            print(f"resume auto: no usable checkpoint in {run_dir}; starting from scratch", flush=True)
+        return found
+    path = Path(resume)
+    return path, load_checkpoint(path, map_location=device)
 
+
+def _already_finished(cfg: Config, run_dir: Path, path: Path, state: dict) -> dict:
+    if dist.is_main():
+        print(f"{path} is the end of this run (epoch {state['epoch']} of {cfg.schedule.epochs}): nothing to do, "
+              f"{run_dir} is left as it was (raise schedule.epochs to train on)", flush=True)
+    return {"finished": str(path), "epoch": state["epoch"], "global_step": state["global_step"]}
+
+
+def _apply_resume(path: Path, state: dict, run: Run) -> Position:
+    if state.get("optimizer") is None:
         raise CheckpointError(f"{path}: holds weights only (imported?), nothing to resume; use --init {path}")
-    mopro.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    try:
+        run.mopro.load_state_dict(state["model"])
+    except RuntimeError:
+        raise CheckpointError(_misfit(path, state, run)) from None
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     if dist.is_main():
         print(f"resumed from {path} (epoch {state['epoch']}, step {state['global_step']})", flush=True)
     return Position(state["epoch"], state["step_in_epoch"], state["global_step"])
 
 
-def _bar(enabled: bool, total: int, start: int, epoch: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+def _misfit(path: Path, state: dict, run: Run) -> str:
+    """One line: which tensor of the checkpoint does not fit the recipe's model, and which keys differ."""
+    own = run.mopro.state_dict()
+    theirs = state["model"]
+    shape = next(((k, tuple(v.shape), tuple(own[k].shape)) for k, v in theirs.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)), None)
+    if shape is not None:
+        what = f"tensor {shape[0]} is {list(shape[1])} in the checkpoint but {list(shape[2])} here"
+    else:
+        odd = sorted(set(theirs) ^ set(own))
+        what = f"tensor {odd[0]} is {'only in the checkpoint' if odd[0] in theirs else 'missing from it'}"
+    old, new = state.get("config") or {}, run.cfg.to_dict()
+    keys = [f"{sec}.{k} {old[sec][k]} -> {v}" for sec in ("model", "mopro", "data") for k, v in new[sec].items()
+            if k in ("num_classes", "queue_size") or sec == "model"
+            if isinstance(old.get(sec), dict) and k in old[sec] and old[sec][k] != v]
+    differ = f"; recipe keys that differ: {', '.join(keys)}" if keys else ""
+    return (f"{path} does not fit this recipe's model: {what}{differ}; resume with the recipe it was trained "
+            f"with, or start a new run from its weights with --init")
 
 
 def _last_noise_metrics(run_dir: Path) -> dict:

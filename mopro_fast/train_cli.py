@@ -18,9 +18,13 @@ import click
 @click.option("--init", "init", default=None, metavar="PATH", type=click.Path(dir_okay=False, path_type=Path),
               help="Fine-tune: start from the model weights of this checkpoint (e.g. from `mopro-fast import`); "
                    "optimiser and schedule start fresh, tensors whose shape differs stay fresh.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to RUN/metrics.jsonl).")
+@click.option("--overwrite-run", is_flag=True,
+              help="Start a new run in a run.out that holds an earlier run: its checkpoints, metrics, plots and "
+                   "summary are removed first (other files are left alone). Without it such a run.out is refused.")
+@click.option("--no-progress", is_flag=True,
+              help="No progress bar and no plain progress lines (metrics still go to RUN/metrics.jsonl).")
 def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, init: Path | None,
-                  no_progress: bool) -> None:
+                  overwrite_run: bool, no_progress: bool) -> None:
     """Train MoPro as RECIPE says (a YAML file in recipes/), with dotted overrides.
 
     \b
@@ -31,8 +35,20 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
       mopro-fast train recipes/demo_cpu.yaml mopro.enabled=false   # cross-entropy baseline
 
     The run folder (run.out) gets the resolved config, checkpoints, metrics.jsonl, TensorBoard
-    events (tb/), PNG plots and summary.json. Exit codes: 0 done, 2 bad recipe or setup,
-    3 stopped on a NaN/inf loss.
+    events (tb/), PNG plots and summary.json. It is locked while the run writes it; a new run into
+    a folder that holds an earlier run is refused (use --resume auto, another run.out, or
+    --overwrite-run). A finished run resumed says so and changes nothing.
+
+    \b
+    Progress: a bar on a terminal; otherwise (nohup, SLURM, CI) one plain line on stderr every
+    run.progress_seconds (default 30): step/total, images/s, ETA, loss, data wait.
+    Ctrl-C or SIGTERM saves a checkpoint at the current step, then exits 130 / 143; a second
+    Ctrl-C stops at once. A checkpoint is also written every run.ckpt_every_minutes (30).
+
+    \b
+    Exit codes: 0 done (or nothing left to do), 2 bad recipe, data, checkpoint, run folder or
+    output (full disk, read-only), 3 stopped on a NaN/inf loss (nothing saved), 130 / 143
+    stopped by SIGINT / SIGTERM after saving a checkpoint.
     """
     from mopro_fast.config import ConfigError, load_config
 
@@ -46,28 +62,42 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
         fail(str(exc))
     if resume and init:
         fail("--resume and --init exclude each other: --resume continues a run, --init starts a new one from weights")
+    if resume and overwrite_run:
+        fail("--resume and --overwrite-run exclude each other: --resume continues the run in run.out, "
+             "--overwrite-run replaces it")
     if init is not None and not init.is_file():
         fail(f"--init {init}: no such checkpoint file")
     from mopro_fast.checkpoint import CheckpointError
     from mopro_fast.data import BackendUnavailable
     from mopro_fast.data.manifest import ManifestError
+    from mopro_fast.interrupt import TrainingInterrupted
+    from mopro_fast.runfolder import RunFolderError
+    from mopro_fast.safe_io import OutputError, describe
     from mopro_fast.train import TrainingStopped, train
     from mopro_fast.truth import TruthError
 
     try:
-        summary = train(cfg, resume=resume, progress=not no_progress and sys.stderr.isatty(),
-                        init=str(init) if init else None)
-    except (ConfigError, BackendUnavailable, ManifestError, TruthError, CheckpointError) as exc:
+        summary = train(cfg, resume=resume, progress=not no_progress, init=str(init) if init else None,
+                        overwrite_run=overwrite_run)
+    except (ConfigError, BackendUnavailable, ManifestError, TruthError, CheckpointError, RunFolderError,
+            OutputError) as exc:
         fail(str(exc))
+    except OSError as exc:  # an I/O failure outside our own writers (e.g. a shard unreadable mid-run)
+        fail(describe(exc, Path(exc.filename or cfg.run.out), what="use"))
     except TrainingStopped as exc:
         fail(str(exc), code=3)
+    except TrainingInterrupted as exc:  # not an error: the run stopped where it was asked to, and saved
+        click.echo(str(exc), err=True)
+        sys.exit(exc.code)
     except KeyboardInterrupt:
-        fail(f"interrupted; continue with --resume auto (run folder {cfg.run.out})", code=130)
+        fail(f"interrupted before a checkpoint could be saved; continue with --resume auto (run folder "
+             f"{cfg.run.out})", code=130)
     finally:
         from mopro_fast import dist
 
         dist.destroy()
-    if summary.get("eval") is not None and "plots" in summary:
+    if "finished" in summary:
+        return  # a finished run resumed: the line saying so is printed, nothing else changed
         click.echo(json.dumps({k: summary[k] for k in ("eval", "images_per_s", "data_wait", "seconds", "run_dir")
                                if k in summary}, indent=1))
 

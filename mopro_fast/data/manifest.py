@@ -65,6 +65,10 @@ def read_manifest(root: Path | str) -> Manifest:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
+        if not root.is_absolute() and not root.exists():
+            # e.g. a checkpoint's config from a run started in another folder
+            raise ManifestError(f"no {MANIFEST} in {root}: the path is relative and {Path.cwd()} has no {root}; "
+                                f"pass the shards as an absolute path, data.shards=/path/to/shards") from None
         raise ManifestError(f"no {MANIFEST} in {root}: run `mopro-fast convert SRC {root}` first") from None
     except (OSError, ValueError) as exc:
         raise ManifestError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
