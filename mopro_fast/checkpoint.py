@@ -87,11 +87,22 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, I/O error: all unusable
-        raise CheckpointError(f"{path.name}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path.name}: unreadable ({type(exc).__name__}: {_clip(str(exc))})") from None
     missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else list(REQUIRED)
     if missing:
         raise CheckpointError(f"{path.name}: not a mopro-fast checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """The first line of `text`; when longer than `limit`, its first sentence or, failing that, cut
+    at a word boundary with an ellipsis (never mid-word)."""
+    line = (text.splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    if ". " in line[:limit]:
+        return line[:limit].split(". ")[0]
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
 
 
 def find_resumable(run_dir: Path, map_location: str | torch.device = "cpu",
