@@ -200,11 +200,11 @@ def test_non_tty_progress_lines_and_time_based_checkpoints(data, tmp_path: Path)
     assert mid_epoch, [p.name for p in list_checkpoints(run)]  # every few ms: checkpoints inside epochs too
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
+def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
                           capture_output=True).returncode == 0
 
 
@@ -230,12 +230,18 @@ def test_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temp_file(data, r
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-@pytest.mark.parametrize("where", ["/proc/x", "file", "under-file"])
+@pytest.mark.parametrize("where", ["/proc/x", "file", "under-file", "read-only"])
 def test_unwritable_run_folder_is_one_line(data, tmp_path: Path, where: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    out = {"/proc/x": Path("/proc/x"), "file": blocker, "under-file": blocker / "run"}[where]
-    one_line(train(*tiny(data, out)), 2, "run.out", str(out))
+    readonly = tmp_path / "ro"
+    if where == "read-only" and not _mount_tmpfs(readonly, "1m", "ro"):
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    out = {"/proc/x": Path("/proc/x"), "file": blocker, "under-file": blocker / "run", "read-only": readonly / "run"}[where]
+    try:
+        one_line(train(*tiny(data, out)), 2, "run.out", str(out))
+    finally:
+        subprocess.run(["umount", str(readonly)], capture_output=True)
     assert blocker.read_text() == "x"
 
 
