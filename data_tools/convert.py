@@ -189,23 +189,18 @@ def run_shard(task: ShardTask, settings: ConvertSettings, tick: Callable[[], Non
             yield Sample(rec.key, enc.data, rec.label, rec.index, meta)
 
     tar_path, idx_path = out / task.tar_rel, out / task.idx_rel
-    tmp = tar_path.with_name(f"{tar_path.name}.tmp-{os.getpid()}")
-    members = write_tar(tmp, samples())
+    members = write_tar(tar_path, samples(), expected=len(task.records))  # atomic, see shards.write_tar
     written = sum(class_counts.values())
     state = {"fingerprint": task.fingerprint, "records": task.records_digest(), "samples": written,
              "rejects": rejects, "repaired": repaired,
              "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
              "source_counts": dict(sorted(source_counts.items()))}
-    if written == 0:
+    if members is None:
         # Every record rejected: no empty tar (DALI refuses those); the state still accounts for them.
-        tmp.unlink()
         for path in (tar_path, idx_path):
             path.unlink(missing_ok=True)
         state.update(file=None, index=None)
     else:
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, tar_path)
         atomic_write_bytes(idx_path, index_text(members).encode())
         state.update(file=task.tar_rel, index=task.idx_rel, bytes=tar_path.stat().st_size,
                      sha256=sha256_file(tar_path), index_sha256=sha256_file(idx_path))
