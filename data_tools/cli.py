@@ -133,7 +133,7 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
     list with sha256, counts per class and source, and every rejected record with its reason.
     With --format ffcv or both, OUT/<split>.beton holds the same records and images (fields image,
     label, index). Re-running the same command after an interruption finishes the job and reuses
-    complete shards and .beton files.
+    complete shards and .beton files; a shard whose input files changed (size or mtime) is redone.
 
     \b
     Safety: nothing outside OUT is ever written or deleted.

@@ -5,8 +5,9 @@ split in a seeded random order, so shards are class-mixed) are cut into shards o
 Each shard is one task for the process pool (data_tools/workers.py). A finished shard leaves
 three files, each written to a temporary name and renamed: the tar, its index, and a state file
 under `OUT/.state/` that is written last. A re-run reuses every shard whose state file matches
-the plan and rewrites the rest, so a killed conversion resumes to exactly the bytes of an
-uninterrupted one, whatever `--workers`.
+the plan, including the size and mtime of each of its input files (`ShardTask.records_digest`),
+and rewrites the rest, so a killed conversion resumes to exactly the bytes of an uninterrupted
+one, whatever `--workers`, and a changed source image is never served from an old shard.
 
 Safety (data_tools/outdir.py): OUT may not overlap a source, must be writable, and is cleared by
 --overwrite only if it is empty or an earlier mopro-fast output; all of this is checked before
@@ -31,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,10 +121,28 @@ class ShardTask:
         return Path(self.out) / ".state" / f"{self.name}.json"
 
     def records_digest(self) -> str:
+        """A digest of the shard's records and of what is on disk for each: file type, size and
+        mtime_ns from one stat (no read), or the error stat gave.
+
+        Stat, rather than content hashes, keeps a resume cheap; it is done here, streaming into
+        the digest, so nothing per record is held beyond the plan. A worker computes the digest
+        before it reads any file of the shard (a file changed during the conversion then fails
+        the next check, never the other way round) and stores it in the shard's state; a re-run
+        recomputes it for each shard that has a state file (in threads: stat waits on the disk),
+        and a change in any input file redoes that shard only.
+        """
         digest = hashlib.sha256()
         for r in self.records:
-            digest.update(f"{r.key}\t{r.path}\t{r.label}\t{r.index}\t{r.source}\n".encode())
+            digest.update(f"{r.key}\t{r.path}\t{r.label}\t{r.index}\t{r.source}\t{_stat_tag(r.file())}\n".encode())
         return digest.hexdigest()
+
+
+def _stat_tag(path: Path) -> str:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"error:{exc.errno}"
+    return f"{stat.S_IFMT(st.st_mode):o}:{st.st_size}:{st.st_mtime_ns}"
 
 
 # ----------------------------------------------------------------------------------- planning
@@ -168,7 +188,7 @@ def run_shard(task: ShardTask, settings: ConvertSettings, tick: Callable[[], Non
     out = Path(task.out)
     tar_path, idx_path = out / task.tar_rel, out / task.idx_rel
     pool.writing([tar_path, idx_path, task.state_path])
-    inputs = task.records_digest()
+    inputs = task.records_digest()  # before any file is read, see records_digest
     rejects: list[dict] = []
     repaired: list[dict] = []
     class_counts: dict[int, int] = {}
@@ -219,7 +239,8 @@ def _read(rec: Record) -> bytes:
 
 
 def _finished_state(task: ShardTask) -> dict | None:
-    """The state file of a shard an earlier run finished with the same plan (its files unchecked)."""
+    """The state file of a shard an earlier run finished with the same plan and the same input
+    files (its output files unchecked)."""
     try:
         state = json.loads(task.state_path.read_text())
     except (OSError, ValueError):

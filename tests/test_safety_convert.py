@@ -154,6 +154,39 @@ def test_overwrite_clears_only_an_empty_folder_or_a_mopro_fast_output(tiny: Path
     assert snapshot(tiny) == before_src and temp_files(tmp_path) == []
 
 
+# -------------------------------------------------------------------------- 3. changed inputs
+
+def test_a_changed_source_image_redoes_its_shard_only(tiny: Path, tmp_path: Path) -> None:
+    src = copy_of(tiny, tmp_path / "src")
+    out = tmp_path / "out"
+    args = ("convert", src, out, "--shard-size", "4", "--workers", "1")
+    assert run_cli(*args).returncode == 0
+    before = snapshot(out)
+    tar_mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    sample = next(iter(samples_of(out)))
+    changed = src / sample["path"]
+    Image.new("RGB", (40, 30), (250, 10, 10)).save(changed, "JPEG", quality=95)  # same listing, new pixels
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    after = snapshot(out)
+    rewritten = sorted(k for k in after if k.endswith(".tar") and after[k] != before.get(k))
+    assert rewritten == [sample["shard"]]
+    assert [p for p, t in tar_mtimes.items() if p.stat().st_mtime_ns != t] == [out / sample["shard"]]
+    new = next(s for s in samples_of(out) if s["path"] == sample["path"])
+    assert new["jpg"] == changed.read_bytes()  # the new image, not the stale one
+    assert run_cli("verify", out).returncode == 0
+
+    # Only the mtime changes: the shard is redone (the check is cheap: no content hash), same bytes.
+    st = changed.stat()
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = run_cli(*args)
+    assert third.returncode == 0, third.stderr
+    outputs = {k: v for k, v in snapshot(out).items() if not k.startswith(".state")}  # (states: new mtime)
+    assert outputs == {k: v for k, v in after.items() if not k.startswith(".state")}
+    assert (out / sample["shard"]).stat().st_mtime_ns != tar_mtimes[out / sample["shard"]]
+
+
 # ------------------------------------------------------------------- 4. unwritable OUT, disk full
 
 def _mount_tmpfs(where: Path, options: str) -> bool:
@@ -246,6 +279,32 @@ def test_a_wrong_val_dir_is_refused_before_anything_is_written(tiny: Path, tmp_p
     assert line == (f"error: val: all {listed} listed records rejected (missing_file {listed}: first "
                     f"{tiny}/wrongdir/{first}); check --val-dir")
     assert not out.exists()
+
+
+def test_a_split_whose_every_image_is_broken_fails_keeps_the_rest_and_resumes(tiny: Path, tmp_path: Path) -> None:
+    src = copy_of(tiny, tmp_path / "src")
+    out = tmp_path / "out"
+    args = ("convert", src, out, "--shard-size", "4", "--workers", "1")
+    val = sorted((src / "val_images_256").iterdir())
+    for path in val:
+        path.write_bytes(b"<html>404</html>")
+    first = (src / "info" / "val_filelist.txt").read_text().split()[0]
+    failed = run_cli(*args)
+    one_line_error(failed, f"val: all {len(val)} listed records rejected (not_an_image {len(val)}: first "
+                           f"{src}/val_images_256/{first}); check --val-dir")
+    assert not (out / "manifest.json").exists()  # the conversion is not claimed finished
+    train = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.tar")}
+    assert train  # the other splits' shards are kept ...
+    for path in val:
+        shutil.copyfile(tiny / "val_images_256" / path.name, path)
+    fixed = run_cli(*args)
+    assert fixed.returncode == 0, fixed.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.tar")} == train  # ... and reused
+    assert manifest_of(out)["splits"]["val"]["num_written"] == len(val)
+    for path in val:  # a later run that fails drops the manifest of the earlier one
+        path.write_bytes(b"")
+    one_line_error(run_cli(*args), "val: all", "(empty_file")
+    assert not (out / "manifest.json").exists()
 
 
 # ------------------------------------------------------------------------------ 8. small ones
