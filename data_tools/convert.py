@@ -229,11 +229,26 @@ def run_shard(task: ShardTask, settings: ConvertSettings, tick: Callable[[], Non
     return state
 
 
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
 def _read(rec: Record) -> bytes:
+    """The listed file's bytes. Only a regular file is read: anything else (a FIFO would block
+    forever, a device never end) is rejected from its stat, and the file is opened non-blocking
+    and checked again before reading, in case it was swapped in between."""
+    path = rec.file()
     try:
-        return rec.file().read_bytes()
-    except FileNotFoundError:
-        raise ImageRejected("missing_file", str(rec.file())) from None
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):
+            raise ImageRejected("not_a_regular_file", _KINDS.get(stat.S_IFMT(mode), f"mode {mode:o}"))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ImageRejected("not_a_regular_file", _KINDS.get(stat.S_IFMT(mode), f"mode {mode:o}"))
+        with open(fd, "rb") as fh:
+            return fh.read()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageRejected("missing_file", str(path)) from None
     except OSError as exc:
         raise ImageRejected("unreadable_file", f"{type(exc).__name__}: {exc}") from None
 

@@ -333,6 +333,24 @@ def test_a_utf8_bom_does_not_cost_the_first_record(tmp_path: Path) -> None:
     assert [(r.path, r.label) for r in imagenet.records] == [("x1.JPEG", 0), ("x2.JPEG", 1)]
 
 
+def test_fifos_directories_and_devices_are_rejected_unopened(tiny: Path, tmp_path: Path) -> None:
+    src = copy_of(tiny, tmp_path / "src")
+    listed = [line.split()[0] for line in (src / "info" / "train_filelist_google.txt").read_text().splitlines()]
+    fifo, folder, device = (src / p for p in listed[:3])
+    for path in (fifo, folder, device):
+        path.unlink()
+    os.mkfifo(fifo)  # reading it would block convert forever
+    folder.mkdir()
+    device.symlink_to("/dev/zero")  # reading it would never end
+    result = run_cli("convert", src, tmp_path / "out", "--workers", "1", timeout=60)
+    assert result.returncode == 0, result.stderr
+    train = manifest_of(tmp_path / "out")["splits"]["train"]
+    assert train["rejected_by_reason"]["not_a_regular_file"] == 3
+    assert "not_a_regular_file 3" in result.stdout
+    details = {r["path"]: r["detail"] for r in train["rejects"] if r["reason"] == "not_a_regular_file"}
+    assert details == {listed[0]: "a FIFO", listed[1]: "a directory", listed[2]: "a character device"}
+
+
 def _tiff(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, "TIFF")
 
