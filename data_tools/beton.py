@@ -36,6 +36,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from mopro_fast.safe_io import OutputError, describe, discard, temp_name
+
 WRITE_MODES = ("proportion", "jpg", "raw")
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's DatasetWriter default (4 x its 2 MiB minimum)
 FIELDS_DOC = {"image": "RGBImageField: JPEG (mode 0) or raw uint8 H x W x 3 (mode 1), width, height",
@@ -107,9 +109,24 @@ def write_beton(path: Path, samples: Iterable[tuple[bytes, int, int]], num_sampl
                 seed: int, split: str, tick: Callable[[], None] = lambda: None) -> dict:
     """Write `num_samples` (JPEG bytes, label, index) samples to `path` (via a temporary name).
 
-    Returns {"samples", "jpg", "raw"} counts. The file is byte-identical for the same inputs.
+    Returns {"samples", "jpg", "raw"} counts. The file is byte-identical for the same inputs. On
+    any failure the temporary file is removed; an OS error (full disk, ...) is a one-line
+    `mopro_fast.safe_io.OutputError`.
     """
     require_ffcv()
+    tmp = temp_name(path)
+    try:
+        return _write_beton(path, tmp, samples, num_samples, settings, seed, split, tick)
+    except OSError as exc:
+        discard(tmp)
+        raise OutputError(describe(exc, path)) from None
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def _write_beton(path: Path, tmp: Path, samples: Iterable[tuple[bytes, int, int]], num_samples: int,
+                 settings: BetonSettings, seed: int, split: str, tick: Callable[[], None]) -> dict:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType,
@@ -128,7 +145,6 @@ def write_beton(path: Path, samples: Iterable[tuple[bytes, int, int]], num_sampl
         descriptors[i]["arguments"][:] = field.to_binary()[0]
     metadata_start = HeaderType.itemsize + descriptors.nbytes
 
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     counts = {"samples": 0, "jpg": 0, "raw": 0}
     with open(tmp, "wb") as fh:
         fh.write(header.tobytes())
@@ -155,7 +171,6 @@ def write_beton(path: Path, samples: Iterable[tuple[bytes, int, int]], num_sampl
     finally:
         allocator.__exit__(None, None, None)
     if counts["samples"] != num_samples:
-        tmp.unlink(missing_ok=True)
         raise BetonError(f"{path.name}: {counts['samples']} samples written, {num_samples} planned")
     table = np.array(allocator.allocations, dtype=ALLOC_TABLE_TYPE) if allocator.allocations else \
         np.zeros(0, dtype=ALLOC_TABLE_TYPE)

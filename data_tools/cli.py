@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -68,9 +71,13 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
     click.echo(json.dumps(summary.to_dict(), indent=1, default=str))
 
 
+PROGRESS_HELP = ("Without a terminal (logs, nohup, SLURM), print one plain progress line on stderr every S seconds "
+                 "(done/total, images/s, ETA); 0 = none. On a terminal a progress bar is shown instead.")
+
+
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option("--subset", type=click.Choice(["webvision", "mini"]), default="webvision", show_default=True,
               help="webvision: all classes, google+flickr. mini: mini-WebVision (google only, classes 0-49).")
 @click.option("--classes", type=click.IntRange(1), default=None,
@@ -95,7 +102,12 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
               help="Seed of the one-time shuffle of the training records across shards.")
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Processes converting shards in parallel [default: all cores]. Output does not depend on it.")
-@click.option("--overwrite", is_flag=True, help="Clear OUT first if it holds something else.")
+@click.option("--overwrite", is_flag=True,
+              help="Clear OUT first if it holds a mopro-fast conversion made with other settings. Only an earlier "
+                   "mopro-fast output (its manifest.json or .state/ stamp) is ever cleared; any other content is "
+                   "refused, --overwrite or not.")
+@click.option("--progress-seconds", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
+              help=PROGRESS_HELP)
 @click.option("--format", "fmt", type=click.Choice(["wds", "ffcv", "both"]), default="wds", show_default=True,
               help="wds: WebDataset shards (torch, dali backends). ffcv: one FFCV .beton per split, OUT/<split>.beton "
                    "(ffcv backend; needs the ffcv extra). both: shards and .beton, same records and images.")
@@ -111,9 +123,9 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
               help="proportion mode: share of images stored as JPEG (seeded per sample, so reproducible).")
 def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str | None, val_dir: str,
             imagenet_val: Path | None, imagenet_labels: Path | None, max_side: int, quality: int,
-            shard_size: int, max_pixels: int, seed: int, workers: int | None, overwrite: bool, fmt: str,
-            ffcv_write_mode: str, ffcv_max_resolution: int, ffcv_jpeg_quality: int,
-            ffcv_compress_probability: float) -> None:
+            shard_size: int, max_pixels: int, seed: int, workers: int | None, overwrite: bool,
+            progress_seconds: float, fmt: str, ffcv_write_mode: str, ffcv_max_resolution: int,
+            ffcv_jpeg_quality: int, ffcv_compress_probability: float) -> None:
     """Convert a WebVision-1.0 folder SRC into WebDataset shards (or FFCV .beton files) under OUT.
 
     Writes OUT/<split>/<split>-NNNNNN.tar with a DALI index (.idx) beside each, for the splits
@@ -121,7 +133,16 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
     list with sha256, counts per class and source, and every rejected record with its reason.
     With --format ffcv or both, OUT/<split>.beton holds the same records and images (fields image,
     label, index). Re-running the same command after an interruption finishes the job and reuses
-    complete shards and .beton files.
+    complete shards and .beton files; a shard whose input files changed (size or mtime) is redone.
+
+    \b
+    Safety: nothing outside OUT is ever written or deleted.
+      - OUT may not be SRC, the --val-dir or --imagenet-val folder, inside one or hold one.
+      - OUT must be a folder (or a new path) on a writable file system.
+      - An OUT that holds anything but an earlier mopro-fast conversion (a foreign manifest.json
+        included) is refused, with --overwrite too; --overwrite only clears a mopro-fast output.
+      - A full disk, or a split of which every record is rejected (e.g. a wrong --val-dir), ends in
+        one line and exit code 2 with no manifest.json written; the same command resumes later.
     """
     from data_tools.beton import BetonSettings
     from data_tools.convert import ConvertError, ConvertSettings, convert as run
@@ -134,15 +155,17 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
                                max_pixels=max_pixels, seed=seed)
     if not src.exists():
         fail(f"{src}: no such directory; pass the WebVision root (the folder holding info/)")
-    try:
-        manifest = run(src, out, settings, workers=workers or os.cpu_count(), overwrite=overwrite,
-                       progress=sys.stderr.isatty() or bool(os.environ.get("MOPRO_PROGRESS")), fmt=fmt,
-                       beton=BetonSettings(ffcv_write_mode, ffcv_max_resolution, ffcv_jpeg_quality,
-                                           ffcv_compress_probability))
-    except ConvertError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; re-run the same command to resume", code=130)
+    with _sigterm_as_interrupt() as terminated:
+        try:
+            manifest = run(src, out, settings, workers=workers or os.cpu_count(), overwrite=overwrite,
+                           progress=True, progress_seconds=progress_seconds, fmt=fmt,
+                           beton=BetonSettings(ffcv_write_mode, ffcv_max_resolution, ffcv_jpeg_quality,
+                                               ffcv_compress_probability))
+        except ConvertError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
+            fail(f"{what}; re-run the same command to resume", code=143 if terminated else 130)
     for name, split in manifest["splits"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in split["rejected_by_reason"].items()) or "none"
         parts = [f"{len(split['shards'])} shard(s)"] if split["shards"] or "beton" not in split else []
@@ -155,10 +178,29 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
     click.echo(f"manifest: {out / 'manifest.json'}")
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[list]:
+    """While inside, SIGTERM stops the command like Ctrl-C does (workers stopped, temporary files
+    removed, one line); the list it yields is non-empty once SIGTERM came."""
+    came: list = []
+
+    def handler(signum, _frame) -> None:
+        came.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @click.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--no-decode", is_flag=True, help="Skip decoding every JPEG (checks hashes, counts, indexes only).")
-def verify(out: Path, no_decode: bool) -> None:
+@click.option("--progress-seconds", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
+              help=PROGRESS_HELP)
+def verify(out: Path, no_decode: bool, progress_seconds: float) -> None:
     """Re-read every shard under OUT and check it against OUT/manifest.json.
 
     Checks sizes, sha256, sample counts, fields, labels, DALI index files, and that every image
@@ -167,7 +209,7 @@ def verify(out: Path, no_decode: bool) -> None:
     from data_tools.verify import VerifyError, verify as run
 
     try:
-        report = run(out, decode=not no_decode, progress=sys.stderr.isatty())
+        report = run(out, decode=not no_decode, progress=True, progress_seconds=progress_seconds)
     except VerifyError as exc:
         fail(str(exc))
     for problem in report.problems[:50]:

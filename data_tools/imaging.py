@@ -3,6 +3,14 @@
 Web data is dirty (DESIGN.md section 2): every outcome here is either an `Encoded` image or an
 `ImageRejected` carrying a short machine-readable reason, so the converter can account for each
 listed record. Decompression bombs are refused from the header, before any pixel is decoded.
+
+Pixel modes beyond 8 bits (TIFF, 16-bit PNG) are scaled to 8 bits, never clipped (clipping turns
+them white): 16-bit modes ('I;16', 'I;16B', ...) by their fixed range, keeping the top 8 bits,
+so brightness is kept; 32-bit integer ('I') and float ('F') images, whose range no format fixes
+(0..1, 0..255, 0..65535 and raw sensor counts all occur), by their own finite minimum..maximum
+(NaN and infinities become the minimum; a constant image is mid-grey). The repair is recorded as
+"mode:F" (or "mode:I", ...) plus "scale:minmax" or "scale:16bit". A mode Pillow cannot turn into
+RGB is rejected as `unsupported_pixel_format`.
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Reasons a record can be rejected for; the manifest and the README use these words.
 REASONS = {
     "missing_file": "listed but not on disk",
+    "not_a_regular_file": "a directory, FIFO, socket or device, never opened",
     "empty_file": "zero bytes",
     "unreadable_file": "could not be read (permissions or I/O error)",
     "not_an_image": "bytes of no image format Pillow knows",
     "too_large": "more pixels than --max-pixels (decompression-bomb guard)",
     "truncated": "image data ends early",
     "decode_error": "the decoder failed on the image data",
+    "unsupported_pixel_format": "a pixel mode with no RGB conversion (e.g. LAB, multi-band float)",
     "duplicate_listing": "the same path is listed again in the split",
 }
 
@@ -110,6 +120,9 @@ def prepare_image(raw: bytes, max_side: int = 256, quality: int = 90,
         new_w, new_h = target_size(img.width, img.height, max_side)
     if img.mode != "RGB":
         repairs.append(f"mode:{img.mode}")
+        img, scaled = to_8bit(img)
+        if scaled:
+            repairs.append(scaled)
         img = _to_rgb(img)
     if img.size != (new_w, new_h):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
@@ -144,10 +157,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:  # e.g. LAB, or a mode Pillow only reads
+        raise ImageRejected("unsupported_pixel_format", f"mode {img.mode}: {exc}") from None
+
+
+def to_8bit(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """A mode 'L' image from a 16-bit, 32-bit integer or float greyscale one (see the module
+    docstring), and how it was scaled; other modes are returned unchanged with None."""
     if img.mode.startswith("I;16"):
-        # 16-bit greyscale (some PNGs): keep the top 8 bits instead of clipping at 255.
-        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-    return img.convert("RGB")
+        return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)), "scale:16bit"
+    if img.mode not in ("I", "F"):
+        return img, None
+    values = np.asarray(img, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return Image.new("L", img.size, 128), "scale:minmax"
+    low, high = values[finite].min(), values[finite].max()
+    values = np.where(finite, values, low)
+    if high == low:
+        return Image.new("L", img.size, 128), "scale:minmax"
+    scaled = np.rint((values - low) * (255.0 / (high - low)))
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8)), "scale:minmax"
 
 
 def describe(reason: str) -> str:

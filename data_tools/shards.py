@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from mopro_fast import safe_io
+from mopro_fast.safe_io import atomic_write
 
 FIELDS = ("cls", "jpg", "json", "lbl", "sid")  # written in this order for every sample
 INDEX_VERSION = "v1.2"
@@ -47,26 +49,50 @@ class Sample:
         }
 
 
-def write_tar(path: Path, samples: Iterable[Sample]) -> list[tuple[str, int, int]]:
-    """Write samples to `path` with byte-stable tar headers (GNU format, no timestamps).
+class _NoSamples(Exception):
+    """Raised inside `write_tar`'s writer so that safe_io discards the temporary file of an empty shard."""
 
-    Returns (member name, data offset, size) per member, so the index needs no second read.
+
+def write_tar(path: Path, samples: Iterable[Sample], expected: int | None = None) -> list[tuple[str, int, int]] | None:
+    """Write samples to `path` with byte-stable tar headers (GNU format, no timestamps), atomically.
+
+    The tar goes to a temporary name beside `path` and is renamed once complete (mopro_fast.safe_io):
+    on any failure the temporary file is gone and an OS error is an `OutputError` (one line; on a
+    full disk it quotes the size the shard would have, extrapolated from `expected` samples).
+    Returns (member name, data offset, size) per member, so the index needs no second read; or
+    None, with no file written, when `samples` yields nothing (DALI refuses empty tars).
     """
-    members = []
-    with open(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for sample in samples:
-            for ext, data in sample.members().items():
-                info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                start = tar.offset
-                tar.addfile(info, io.BytesIO(data))
-                # Data follows the header block(s): padded size = end - start - header length.
-                header = len(info.tobuf(tarfile.GNU_FORMAT, tar.encoding, tar.errors))
-                members.append((info.name, start + header, info.size))
+    members: list[tuple[str, int, int]] = []
+    done = {"samples": 0, "bytes": 0}
+
+    def write(fh) -> None:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for sample in samples:
+                for ext, data in sample.members().items():
+                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    info.mode = 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    start = tar.offset
+                    done["bytes"] = start + len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                    # Data follows the header block(s): padded size = end - start - header length.
+                    header = len(info.tobuf(tarfile.GNU_FORMAT, tar.encoding, tar.errors))
+                    members.append((info.name, start + header, info.size))
+                done["samples"] += 1
+        if not members:
+            raise _NoSamples
+
+    def needed() -> int:
+        per_sample = done["bytes"] / max(done["samples"], 1)
+        return int(max(done["bytes"], per_sample * (expected or 0)))
+
+    try:
+        atomic_write(path, write, needed=needed)
+    except _NoSamples:
+        return None
     return members
 
 
@@ -133,13 +159,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, flush to disk, then rename over `path`."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary name in the same folder, flush to disk, then rename over `path`
+    (mopro_fast.safe_io: no temporary file survives a failure; OS errors are one-line `OutputError`s)."""
+    safe_io.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: Path, obj: object) -> None:

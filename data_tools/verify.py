@@ -43,8 +43,10 @@ class Report:
                 f"{self.samples} sample(s) checked")
 
 
-def verify(out: Path, decode: bool = True, progress: bool = False) -> Report:
-    from tqdm import tqdm
+def verify(out: Path, decode: bool = True, progress: bool = False, progress_seconds: float = 30.0) -> Report:
+    """Check OUT against its manifest. `progress`: a bar on a TTY, else a plain line on stderr every
+    `progress_seconds` (0: none)."""
+    from mopro_fast.progress import Progress
 
     out = Path(out)
     try:
@@ -56,7 +58,8 @@ def verify(out: Path, decode: bool = True, progress: bool = False) -> Report:
         raise VerifyError(f"{out / MANIFEST}: unreadable manifest ({exc}); re-run convert") from None
     report = Report(splits=len(splits))
     total = sum(len(s["shards"]) for s in splits.values())
-    with tqdm(total=total, unit="shard", desc="verify", disable=not progress) as bar:
+    bar = Progress(total, "verify", unit="shard", every_s=progress_seconds, enabled=progress)
+    try:
         for name, split in splits.items():
             seen = 0
             for shard in split["shards"]:
@@ -74,6 +77,8 @@ def verify(out: Path, decode: bool = True, progress: bool = False) -> Report:
             if split["num_written"] + split["num_rejected"] != split["num_listed"]:
                 report.problems.append(f"{name}: written {split['num_written']} + rejected "
                                        f"{split['num_rejected']} != listed {split['num_listed']}")
+    finally:
+        bar.close()
     return report
 
 

@@ -219,9 +219,12 @@ def _make_split(name: str, root: Path, lines: Iterable[tuple[str, int, str]]) ->
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not part of line 1
     except UnicodeDecodeError as exc:
         raise ListingError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ListingError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__}); "
+                           f"check that it is a readable text file") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):

@@ -55,11 +55,13 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], needed: int | None = None) -> Path:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None],
+                 needed: int | Callable[[], int | None] | None = None) -> Path:
     """Call `write(fh)` on a temporary file beside `path`, fsync it, rename it to `path`.
 
     On any failure the temporary file is removed and `path` keeps its previous content; an OS
-    error becomes an `OutputError` (one line). `needed`: the expected size, quoted on a full disk.
+    error becomes an `OutputError` (one line). `needed`: the expected size, quoted on a full disk
+    (or a function computing it then, for a file whose size is only known once it is written).
     """
     path = Path(path)
     tmp = temp_name(path)
@@ -71,7 +73,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], needed: int | No
         os.replace(tmp, path)
     except OSError as exc:
         discard(tmp)
-        raise OutputError(describe(exc, path, needed=needed)) from None
+        raise OutputError(describe(exc, path, needed=needed() if callable(needed) else needed)) from None
     except BaseException:
         discard(tmp)
         raise
