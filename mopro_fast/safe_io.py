@@ -47,7 +47,10 @@ def free_bytes(path: Path) -> int | None:
 
 
 def _mb(n: int | None) -> str:
-    return "? MB" if n is None else f"{n / 1e6:.1f} MB"
+    """A size for a person: kB below 1 MB (a small index file), else MB with one decimal."""
+    if n is None:
+        return "? MB"
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
 
 
 def temp_name(path: Path) -> Path:
