@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-ffcv.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
-demo: install       ## built-in data -> shards -> verify (and, once the trainer lands, train + evaluate)
+demo: install       ## built-in data -> shards -> verify -> train MoPro and the cross-entropy baseline -> summary
 	$(BIN)/mopro-fast demo
 
 test: install       ## the whole test suite (CPU)
