@@ -50,6 +50,7 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
         fail(f"--init {init}: no such checkpoint file")
     from mopro_fast.checkpoint import CheckpointError
     from mopro_fast.data import BackendUnavailable
+    from mopro_fast.data.errors import ShardError
     from mopro_fast.data.manifest import ManifestError
     from mopro_fast.train import TrainingStopped, train
     from mopro_fast.truth import TruthError
@@ -57,7 +58,7 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
     try:
         summary = train(cfg, resume=resume, progress=not no_progress and sys.stderr.isatty(),
                         init=str(init) if init else None)
-    except (ConfigError, BackendUnavailable, ManifestError, TruthError, CheckpointError) as exc:
+    except (ConfigError, BackendUnavailable, ManifestError, TruthError, CheckpointError, ShardError) as exc:
         fail(str(exc))
     except TrainingStopped as exc:
         fail(str(exc), code=3)
@@ -85,6 +86,7 @@ def eval_command(checkpoint: Path, overrides: tuple[str, ...], splits: tuple[str
     from mopro_fast import dist
     from mopro_fast.config import ConfigError
     from mopro_fast.data import BackendUnavailable
+    from mopro_fast.data.errors import ShardError
     from mopro_fast.data.manifest import ManifestError
     from mopro_fast.evaluate import evaluate_checkpoint
 
@@ -93,7 +95,7 @@ def eval_command(checkpoint: Path, overrides: tuple[str, ...], splits: tuple[str
         sys.exit(2)
     try:
         result = evaluate_checkpoint(checkpoint, list(overrides), list(splits) or None)
-    except (ConfigError, BackendUnavailable, ManifestError, ValueError) as exc:
+    except (ConfigError, BackendUnavailable, ManifestError, ValueError, ShardError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     if dist.is_main():
