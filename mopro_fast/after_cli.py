@@ -28,26 +28,51 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from mopro_fast.config import ConfigError
     from mopro_fast.crt import CrtError
     from mopro_fast.data import BackendUnavailable
+    from mopro_fast.data.errors import ShardError
     from mopro_fast.data.manifest import ManifestError
     from mopro_fast.interop import InteropError
     from mopro_fast.report import ReportError
+    from mopro_fast.safe_io import OutputError
     from mopro_fast.truth import TruthError
 
-    return (CheckpointError, CleanError, ConfigError, CrtError, BackendUnavailable, ManifestError, InteropError,
-            ReportError, TruthError)
+    return (CheckpointError, CleanError, ConfigError, CrtError, BackendUnavailable, ShardError, ManifestError,
+            InteropError, OutputError, ReportError, TruthError)
 
 
-def _need_file(path: Path, what: str) -> None:
-    if not path.is_file():
+def _need_file(path: Path, what: str = "checkpoint file") -> None:
+    """One line, exit 2, unless `path` is a file; a run folder gets the name of its newest checkpoint."""
+    if path.is_file():
+        return
+    if not path.is_dir():
         _fail(f"{path}: no such {what}")
+    from mopro_fast.checkpoint import list_checkpoints
+
+    found = list_checkpoints(path)
+    if found:
+        _fail(f"{path} is a folder, not a {what}; give one of its checkpoints, e.g. {found[0]}")
+    _fail(f"{path} is a folder with no checkpoints (ckpt-*.pt) in it; give a {what}")
+
+
+def _write_state(output: Path, state: dict) -> None:
+    """torch.save `state` to `output` atomically: on any failure the previous file stays, no temporary is left."""
+    from mopro_fast.safe_io import OutputError, output_dir
+    from mopro_fast.trained import torch_bytes, write_outputs
+
+    try:
+        if output.is_dir():
+            raise OutputError(f"{output} is a folder; give the path of the file to write")
+        output_dir(output.parent, f"the folder of {output.name}")
+        write_outputs(output.parent, {output.name: torch_bytes(state)})
+    except OutputError as exc:
+        _fail(str(exc))
 
 
 @click.command("clean", context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
-@click.option("--data", "shards", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--data", "shards", type=click.Path(path_type=Path), default=None,
               help="Shards folder (same as data.shards=...) [default: the checkpoint's].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: clean/ next to the checkpoint].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def clean_command(checkpoint: Path, overrides: tuple[str, ...], shards: Path | None, out: Path | None,
@@ -85,13 +110,13 @@ def clean_command(checkpoint: Path, overrides: tuple[str, ...], shards: Path | N
 
 
 @click.command("retrain", context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
 @click.option("--labels", required=True, type=click.Path(path_type=Path),
               help="Output of `mopro-fast clean` (its folder or labels.jsonl).")
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=RECIPES / "crt.yaml",
+@click.option("--recipe", type=click.Path(path_type=Path), default=RECIPES / "crt.yaml",
               show_default=True, help="cRT recipe.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: crt/ next to the checkpoint].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def retrain_command(checkpoint: Path, overrides: tuple[str, ...], labels: Path, recipe: Path, out: Path | None,
@@ -120,8 +145,8 @@ def retrain_command(checkpoint: Path, overrides: tuple[str, ...], labels: Path, 
 
 
 @click.command("export", context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
 @click.option("--to", "target", type=click.Choice(["torchvision"]), default="torchvision", show_default=True,
               help="Layout to write.")
 @click.option("--with-classifier", is_flag=True, help="Also write our classifier as torchvision's fc.")
@@ -136,7 +161,7 @@ def export_command(checkpoint: Path, output: Path, target: str, with_classifier:
     With --with-classifier, load it into resnet50(num_classes=K) with strict=True. Models
     trained with model.small_stem=true have no torchvision layout and are refused.
     """
-    from mopro_fast.checkpoint import load_checkpoint, write_checkpoint
+    from mopro_fast.checkpoint import load_checkpoint
     from mopro_fast.config import config_from_dict
     from mopro_fast.interop import torchvision_state_dict
 
@@ -147,8 +172,7 @@ def export_command(checkpoint: Path, output: Path, target: str, with_classifier:
         sd = torchvision_state_dict(state["model"], cfg.model.small_stem, with_classifier, network)
     except _expected_errors() as exc:
         _fail(str(exc))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(output, sd)
+    _write_state(output, sd)
     classes = state["model"][f"{network}.classifier.weight"].shape[0]
     click.echo(json.dumps({"out": str(output), "layout": target, "arch": cfg.model.arch, "tensors": len(sd),
                            "num_classes": classes if with_classifier else None,
@@ -159,10 +183,10 @@ def export_command(checkpoint: Path, output: Path, target: str, with_classifier:
 
 
 @click.command("import", context_settings=CONTEXT)
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=RECIPES / "rn50_8gpu.yaml",
+@click.option("--recipe", type=click.Path(path_type=Path), default=RECIPES / "rn50_8gpu.yaml",
               show_default=True, help="Recipe whose data, loader and MoPro settings the new checkpoint carries.")
 def import_command(source: Path, output: Path, overrides: tuple[str, ...], recipe: Path) -> None:
     """Convert a checkpoint of the original MoPro code (github.com/salesforce/MoPro) to ours.
@@ -177,7 +201,6 @@ def import_command(source: Path, output: Path, overrides: tuple[str, ...], recip
     Example:
       mopro-fast import MoPro_V1_epoch90.tar runs/orig/mopro-v1.pt data.shards=/data/shards
     """
-    from mopro_fast.checkpoint import write_checkpoint
     from mopro_fast.interop import import_original
 
     _need_file(source, "checkpoint file")
@@ -185,15 +208,14 @@ def import_command(source: Path, output: Path, overrides: tuple[str, ...], recip
         state = import_original(source, recipe, list(overrides))
     except _expected_errors() as exc:
         _fail(str(exc))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(output, state)
+    _write_state(output, state)
     click.echo(json.dumps({"out": str(output), **{k: v for k, v in state["imported_from"].items() if k != "path"}},
                           indent=1))
 
 
 @click.command("report", context_settings=CONTEXT)
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--clean", "clean_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--clean", "clean_dir", type=click.Path(path_type=Path), default=None,
               help="Clean output to show [default: RUN/clean].")
 @click.option("--run-clean/--no-run-clean", default=True, show_default=True,
               help="Without a clean output, run `clean` with the run's newest checkpoint first.")

@@ -34,6 +34,7 @@ from torch import Tensor
 from mopro_fast import dist
 from mopro_fast.losses import prototype_logits
 from mopro_fast.noise import correct_labels
+from mopro_fast.safe_io import output_dir
 from mopro_fast.trained import Trained
 
 # Columns of the per-sample table (float64, so sample indices up to 2^53 stay exact).
@@ -183,11 +184,10 @@ def detection_figures(web: Tensor, label: Tensor, kept: Tensor, true: Tensor) ->
 
 
 def write_outputs(out: Path, table: Tensor, catalog, truth: Tensor | None, summary: dict) -> None:
-    """labels.jsonl (one line per written sample, index order) and summary.json, atomically."""
-    from data_tools.shards import atomic_write_bytes, atomic_write_json
+    """labels.jsonl (one line per written sample, index order) and summary.json, atomically, into OUT only."""
+    from mopro_fast.trained import write_outputs as write_files
     from mopro_fast.truth import OOD, UNKNOWN
 
-    out.mkdir(parents=True, exist_ok=True)
     rows = table.cpu().tolist()
     lines = []
     for index, row in enumerate(rows):
@@ -202,8 +202,8 @@ def write_outputs(out: Path, table: Tensor, catalog, truth: Tensor | None, summa
         if truth is not None and int(truth[index]) != UNKNOWN:
             record["truth"] = "ood" if int(truth[index]) == OOD else int(truth[index])
         lines.append(json.dumps(record))
-    atomic_write_bytes(out / LABELS_FILE, ("\n".join(lines) + "\n").encode())
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    write_files(out, {LABELS_FILE: ("\n".join(lines) + "\n").encode(),
+                      SUMMARY_FILE: (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode()})
 
 
 def clean(checkpoint: Path, out: Path | None = None, overrides: list[str] = (), progress: bool = True) -> dict:
@@ -221,6 +221,8 @@ def clean(checkpoint: Path, out: Path | None = None, overrides: list[str] = (), 
         raise CleanError(f"{Path(checkpoint).name} has no prototypes (trained with mopro.enabled=false?): "
                          f"the cleaning rule needs them")
     out = Path(out) if out is not None else Path(checkpoint).parent / "clean"
+    if dist.is_main():  # before the long pass: an unusable --out fails now, in one line
+        output_dir(out, "clean --out")
     table = score_split(trained, progress)
     summary: dict = {}
     if dist.is_main():
@@ -240,13 +242,18 @@ def clean(checkpoint: Path, out: Path | None = None, overrides: list[str] = (), 
 
 
 def read_labels(path: Path) -> tuple[list[dict], dict | None]:
-    """A clean output (folder, or its labels.jsonl) -> (records, summary or None if absent)."""
+    """A clean output (folder, or its labels.jsonl) -> (records, summary or None if absent).
+
+    Anything else (a binary file, a checkpoint, other JSON) is a CleanError saying what was expected.
+    """
     path = Path(path)
     labels = path / LABELS_FILE if path.is_dir() else path
     if not labels.is_file():
         raise CleanError(f"{labels}: no such labels file; run `mopro-fast clean CKPT` first")
+    expected = "expected the labels.jsonl written by `mopro-fast clean` (or its folder)"
+    text = _read_text(labels, expected)
     records = []
-    for lineno, line in enumerate(labels.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -254,9 +261,34 @@ def read_labels(path: Path) -> tuple[list[dict], dict | None]:
             record["index"], record["web_label"] = int(record["index"]), int(record["web_label"])
             if record["label"] is not None:
                 record["label"] = int(record["label"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CleanError(f"{labels}:{lineno}: not a clean record ({type(exc).__name__}: {exc})") from None
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CleanError(f"{labels}:{lineno}: not a clean record ({type(exc).__name__}: {str(exc)[:80]}); "
+                             f"{expected}") from None
         records.append(record)
     summary_path = labels.parent / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = None
+    if summary_path.is_file():
+        try:
+            summary = json.loads(_read_text(summary_path, "expected the summary.json written by `mopro-fast clean`"))
+        except ValueError as exc:
+            raise CleanError(f"{summary_path}: not JSON ({str(exc)[:80]}); expected the summary.json written by "
+                             f"`mopro-fast clean`") from None
+        if not isinstance(summary, dict):
+            raise CleanError(f"{summary_path}: not a clean summary; expected the summary.json of `mopro-fast clean`")
     return records, summary
+
+
+def _read_text(path: Path, expected: str) -> str:
+    """The file as UTF-8 text; a binary file (a checkpoint, an image) is a CleanError saying what was expected."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CleanError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        kind = "a zip file (a .pt checkpoint?)" if data[:2] == b"PK" else "binary data"
+        raise CleanError(f"{path} is {kind}, not text; {expected}")
+    return text

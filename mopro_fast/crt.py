@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -145,6 +146,21 @@ def train_classifier(classifier: nn.Linear, feats: Tensor, labels: Tensor, c: Cr
     return history
 
 
+def before_and_after(trained: Trained, classifier: nn.Linear, splits: list[str], progress: bool) -> dict:
+    """Top-1/top-5 per split with the checkpoint's classifier and with the re-trained one (same features)."""
+    from mopro_fast.data.batch import EvalBatch
+    from mopro_fast.evaluate import evaluate
+
+    results = {}
+    for split in splits:
+        feats, labels, index = extract_features(trained, split, progress)
+        batches = [EvalBatch(feats[i:i + 1024], labels[i:i + 1024], index[i:i + 1024])
+                   for i in range(0, labels.shape[0], 1024)]
+        results[split] = {"before": evaluate(_Head(trained.net.classifier), batches),
+                          "after": evaluate(_Head(classifier), batches)}
+    return results
+
+
 def retrain(checkpoint: Path, labels_path: Path, recipe_path: Path, out: Path | None = None,
             overrides: list[str] = (), progress: bool = True) -> dict:
     """cRT of a checkpoint's classifier on a clean output; writes OUT/crt.pt and returns the summary.
@@ -152,14 +168,11 @@ def retrain(checkpoint: Path, labels_path: Path, recipe_path: Path, out: Path | 
     Overrides `crt.key=value` change the cRT recipe; any other `section.key=value` changes the
     checkpoint's stored config (data.shards, loader.batch_size, run.device, ...), as in `eval`.
     """
-    from mopro_fast.checkpoint import write_checkpoint
     from mopro_fast.clean import read_labels, shards_fingerprint
     from mopro_fast.config import load_crt_config
-    from mopro_fast.data.batch import EvalBatch
     from mopro_fast.data.manifest import read_manifest
-    from mopro_fast.evaluate import evaluate
-    from mopro_fast.observe import RunLog
-    from mopro_fast.trained import load_trained
+    from mopro_fast.safe_io import output_dir
+    from mopro_fast.trained import load_trained, torch_bytes, write_outputs
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CrtError("retrain runs in one process (the features of the whole training set stay on one device); "
@@ -179,6 +192,7 @@ def retrain(checkpoint: Path, labels_path: Path, recipe_path: Path, out: Path | 
             raise CrtError(f"{labels_path}: labels for {clean_summary.get('num_classes')} classes, "
                            f"the checkpoint has {K}")
     target = targets_by_index(records, int(manifest.split(split)["num_listed"]), K, str(labels_path))
+    out = output_dir(Path(out) if out is not None else Path(checkpoint).parent / "crt", "retrain --out")
 
     feats, _, index = extract_features(trained, split, progress)  # n x F, n
     covered = torch.zeros_like(target, dtype=torch.bool)
@@ -200,23 +214,12 @@ def retrain(checkpoint: Path, labels_path: Path, recipe_path: Path, out: Path | 
             classifier.weight.copy_(torch.randn(classifier.weight.shape, generator=generator) * 0.01)
             classifier.bias.zero_()
     classifier.requires_grad_(True).train()
-    out = Path(out) if out is not None else Path(checkpoint).parent / "crt"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
-    log = RunLog(out, enabled=True, tensorboard=False)
-    try:
-        history = train_classifier(classifier, feats, labels, c, log, progress)
-        results = {}
-        for split_name in [s for s in cfg.data.eval_splits if s in manifest.splits]:
-            eval_feats, eval_labels, eval_index = extract_features(trained, split_name, progress)
-            batches = [EvalBatch(eval_feats[i:i + 1024], eval_labels[i:i + 1024], eval_index[i:i + 1024])
-                       for i in range(0, eval_labels.shape[0], 1024)]
-            results[split_name] = {"before": evaluate(_Head(trained.net.classifier), batches),
-                                   "after": evaluate(_Head(classifier), batches)}
-        log.write("eval", c.epochs, c.epochs - 1, {f"{s}/{when}/{k}": v for s, r in results.items()
-                                                  for when, m in r.items() for k, v in m.items() if k != "samples"})
-    finally:
-        log.close()
+    log = _Lines()  # metrics.jsonl, written with the other outputs at the end (a rerun starts a fresh log)
+    history = train_classifier(classifier, feats, labels, c, log, progress)
+    results = before_and_after(trained, classifier, [s for s in cfg.data.eval_splits if s in manifest.splits],
+                               progress)
+    log.write("eval", c.epochs, c.epochs - 1, {f"{s}/{when}/{k}": v for s, r in results.items()
+                                              for when, m in r.items() for k, v in m.items() if k != "samples"})
 
     state = dict(trained.state)
     state["model"] = dict(state["model"])
@@ -229,6 +232,20 @@ def retrain(checkpoint: Path, labels_path: Path, recipe_path: Path, out: Path | 
                "recipe": recipe.to_dict()["crt"], "epochs": history, "eval": results,
                "seconds": time.perf_counter() - start_time}
     state["crt"] = {k: summary[k] for k in ("labels", "samples", "recipe", "eval")}
-    write_checkpoint(out / CKPT_NAME, state)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_outputs(out, {CKPT_NAME: torch_bytes(state), "metrics.jsonl": log.text().encode(),
+                        "summary.json": (json.dumps(summary, indent=1) + "\n").encode()})
     return summary
+
+
+class _Lines:
+    """metrics.jsonl records in memory (RunLog's format), written atomically with the other outputs."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, kind: str, step: int, epoch: int, values: dict) -> None:
+        clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        self.lines.append(json.dumps({"kind": kind, "epoch": epoch, "step": step, **clean}))
+
+    def text(self) -> str:
+        return "".join(line + "\n" for line in self.lines)

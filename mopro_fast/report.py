@@ -18,7 +18,9 @@ import io
 import json
 from pathlib import Path
 
-from mopro_fast.observe import plot_run, read_log
+from mopro_fast.observe import plot_run
+from mopro_fast.safe_io import output_dir
+from mopro_fast.trained import write_outputs
 
 THUMB = 96  # px, longer side of a gallery thumbnail
 
@@ -166,52 +168,75 @@ background:#eee}.ok{color:#1a7f37}.bad{color:#c62828}.note{color:#555;font-size:
 
 def build_report(run: Path, clean_dir: Path | None = None, gallery: int = 24, run_clean: bool = True,
                  progress: bool = True) -> Path:
-    """Write RUN/report/report.html (+ PNG plots); returns the HTML path."""
+    """Write RUN/report/report.html (+ PNG plots); returns the HTML path.
+
+    Writes only into RUN/report, and into RUN/clean when it runs clean itself (no `clean_dir`
+    given, none there yet). A `clean_dir` given is only read: it must hold a clean output.
+    """
     run = Path(run)
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ReportError(f"{run}: no metrics.jsonl; is this a run folder (run.out of `mopro-fast train`)?")
-    records = read_log(metrics)
-    out = run / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    curves = [run / n for n in ("loss.png", "accuracy.png", "noise.png")]
-    if not all(p.is_file() for p in curves):
-        curves = plot_run(run)
-    noise_png = plot_noise_epochs(noise_by_epoch(records))
-    (out / "noise_epochs.png").write_bytes(noise_png)
-
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    records = _read_json(metrics, lines=True)
+    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    if clean_dir is not None and not (Path(clean_dir) / "labels.jsonl").is_file():
+        raise ReportError(f"--clean {clean_dir} holds no clean output (labels.jsonl); run `mopro-fast clean CKPT "
+                          f"--out {clean_dir}` first, or leave --clean out to use {run / 'clean'}")
+    out = output_dir(run / "report", "report folder")
     clean_dir = Path(clean_dir) if clean_dir is not None else run / "clean"
     clean_note = ""
     if not (clean_dir / "labels.jsonl").is_file() and run_clean:
         clean_note = _run_clean(run, clean_dir, progress)
+    pngs = {"noise_epochs.png": plot_noise_epochs(noise_by_epoch(records))}
     parts = [f"<h1>mopro-fast run report: {html.escape(str(run))}</h1>"]
     evals = summary.get("eval") or {}
     if evals:
         parts.append("<h2>Final evaluation</h2>" + _table(["split", "top-1 %", "top-5 %", "images"], [
             [s, f"{r['top1']:.2f}", f"{r['top5']:.2f}", r.get("samples", "")] for s, r in evals.items()]))
     parts.append("<h2>Training curves</h2><div class='plots'>"
-                 + "".join(f"<img src='{_data_uri(p.read_bytes())}' alt='{p.name}'>" for p in curves)
-                 + f"<img src='{_data_uri(noise_png)}' alt='noise_epochs.png'></div>"
+                 + "".join(f"<img src='{_data_uri(png)}' alt='{name}'>" for name, png in _curves(run).items())
+                 + f"<img src='{_data_uri(pngs['noise_epochs.png'])}' alt='noise_epochs.png'></div>"
                  "<p class='note'>Relabelled / OOD fractions: batch averages of the training log per epoch "
                  "(zero before mopro.start_clean_epoch).</p>")
     if (clean_dir / "labels.jsonl").is_file():
-        parts += _clean_sections(clean_dir, out, gallery)
+        parts += _clean_sections(clean_dir, pngs, gallery)
     else:
         parts.append(f"<h2>Noise cleaning</h2><p class='note'>No clean output at {html.escape(str(clean_dir))}"
                      f"{html.escape(clean_note)}; run <code>mopro-fast clean CKPT</code>.</p>")
     crt = run / "crt" / "summary.json"
     if crt.is_file():
-        c = json.loads(crt.read_text())
+        c = _read_json(crt)
         parts.append("<h2>Classifier re-training (cRT)</h2>" + _table(
             ["split", "top-1 before", "top-1 after", "top-5 before", "top-5 after"],
             [[s, f"{r['before']['top1']:.2f}", f"{r['after']['top1']:.2f}", f"{r['before']['top5']:.2f}",
               f"{r['after']['top5']:.2f}"] for s, r in c.get("eval", {}).items()]))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mopro-fast report</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+    write_outputs(out, {**pngs, "report.html": page.encode()})
+    return out / "report.html"
+
+
+def _read_json(path: Path, lines: bool = False):
+    """A JSON file (or JSON lines) of the run; unreadable or not JSON is a ReportError naming it."""
+    try:
+        text = path.read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: not readable as JSON ({type(exc).__name__}: {str(exc)[:80]}); "
+                          f"is this a run folder of `mopro-fast train`?") from None
+
+
+def _curves(run: Path) -> dict[str, bytes]:
+    """The run's curve PNGs: RUN's own when all are there, else drawn from metrics.jsonl in a scratch folder
+    (RUN itself is not written)."""
+    import tempfile
+
+    names = ("loss.png", "accuracy.png", "noise.png")
+    if all((run / n).is_file() for n in names):
+        return {n: (run / n).read_bytes() for n in names}
+    with tempfile.TemporaryDirectory(prefix="mopro-report-") as scratch:
+        (Path(scratch) / "metrics.jsonl").symlink_to((run / "metrics.jsonl").resolve())
+        return {p.name: p.read_bytes() for p in plot_run(Path(scratch))}
 
 
 def _run_clean(run: Path, clean_dir: Path, progress: bool) -> str:
@@ -229,16 +254,19 @@ def _run_clean(run: Path, clean_dir: Path, progress: bool) -> str:
     return ""
 
 
-def _clean_sections(clean_dir: Path, out: Path, gallery: int) -> list[str]:
+def _clean_sections(clean_dir: Path, pngs: dict[str, bytes], gallery: int) -> list[str]:
     from mopro_fast.clean import read_labels
     from mopro_fast.data.catalog import read_catalog
 
     records, s = read_labels(clean_dir)
     if s is None:
         raise ReportError(f"{clean_dir}: labels.jsonl without summary.json; re-run `mopro-fast clean`")
+    missing = [k for k in ("samples", "counts", "per_class", "rule", "checkpoint", "shards", "split") if k not in s]
+    if missing:
+        raise ReportError(f"{clean_dir / 'summary.json'} is not the summary of `mopro-fast clean` (no "
+                          f"{', '.join(missing)}); re-run `mopro-fast clean`")
     names = s.get("class_names") or [str(c) for c in range(s["num_classes"])]
-    counts_png = plot_class_counts(s["per_class"], names)
-    (out / "class_counts.png").write_bytes(counts_png)
+    counts_png = pngs["class_counts.png"] = plot_class_counts(s["per_class"], names)
     n = max(s["samples"], 1)
     parts = [f"<h2>Noise cleaning of {s['samples']} training images</h2>",
              f"<p>checkpoint {html.escape(s['checkpoint'])}; rule: alpha {s['rule']['alpha']}, threshold "
@@ -260,11 +288,12 @@ def _clean_sections(clean_dir: Path, out: Path, gallery: int) -> list[str]:
                  + _table(["class", "web", "kept", "relabelled away", "relabelled in", "OOD", "after"],
                           [[names[c], pc["web"][c], pc["kept"][c], pc["relabelled_away"][c], pc["relabelled_in"][c],
                             pc["ood"][c], pc["final"][c]] for c in range(len(pc["web"]))]))
+    from mopro_fast.data.errors import ShardError
     from mopro_fast.data.manifest import ManifestError
 
     try:
         catalog = read_catalog(Path(s["shards"]), s["split"])
-    except (ManifestError, OSError) as exc:
+    except (ManifestError, ShardError, OSError) as exc:
         return parts + [f"<h2>Galleries</h2><p class='note'>not shown: the shards are not readable "
                         f"({html.escape(' '.join(str(exc).split())[:200])})</p>"]
     titles = {"relabelled": "Relabelled (web label &rarr; new label), most confident first",

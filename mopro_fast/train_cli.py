@@ -69,6 +69,7 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
         fail(f"--init {init}: no such checkpoint file")
     from mopro_fast.checkpoint import CheckpointError
     from mopro_fast.data import BackendUnavailable
+    from mopro_fast.data.errors import ShardError
     from mopro_fast.data.manifest import ManifestError
     from mopro_fast.interrupt import TrainingInterrupted
     from mopro_fast.runfolder import RunFolderError
@@ -80,7 +81,7 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
         summary = train(cfg, resume=resume, progress=not no_progress, init=str(init) if init else None,
                         overwrite_run=overwrite_run)
     except (ConfigError, BackendUnavailable, ManifestError, TruthError, CheckpointError, RunFolderError,
-            OutputError) as exc:
+            OutputError, ShardError) as exc:
         fail(str(exc))
     except OSError as exc:  # an I/O failure outside our own writers (e.g. a shard unreadable mid-run)
         fail(describe(exc, Path(exc.filename or cfg.run.out), what="use"))
@@ -98,12 +99,13 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
         dist.destroy()
     if "finished" in summary:
         return  # a finished run resumed: the line saying so is printed, nothing else changed
+    if summary.get("eval") is not None and "plots" in summary:
         click.echo(json.dumps({k: summary[k] for k in ("eval", "images_per_s", "data_wait", "seconds", "run_dir")
                                if k in summary}, indent=1))
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
 @click.option("--split", "splits", multiple=True, help="Split to evaluate (repeatable) [default: data.eval_splits].")
 def eval_command(checkpoint: Path, overrides: tuple[str, ...], splits: tuple[str, ...]) -> None:
@@ -115,15 +117,16 @@ def eval_command(checkpoint: Path, overrides: tuple[str, ...], splits: tuple[str
     from mopro_fast import dist
     from mopro_fast.config import ConfigError
     from mopro_fast.data import BackendUnavailable
+    from mopro_fast.data.errors import ShardError
     from mopro_fast.data.manifest import ManifestError
     from mopro_fast.evaluate import evaluate_checkpoint
 
-    if not checkpoint.is_file():
-        click.echo(f"error: {checkpoint}: no such checkpoint file", err=True)
-        sys.exit(2)
+    from mopro_fast.after_cli import _need_file
+
+    _need_file(checkpoint)  # one line for a missing file or a run folder (naming its newest checkpoint)
     try:
         result = evaluate_checkpoint(checkpoint, list(overrides), list(splits) or None)
-    except (ConfigError, BackendUnavailable, ManifestError, ValueError) as exc:
+    except (ConfigError, BackendUnavailable, ManifestError, ValueError, ShardError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     if dist.is_main():

@@ -68,3 +68,33 @@ def load_trained(checkpoint: Path, overrides: list[str] = (), device: torch.devi
     if protos is None:
         raise CheckpointError(f"{Path(checkpoint).name}: no prototypes in the checkpoint")
     return Trained(Path(checkpoint), state, cfg, net, protos.to(device), device)
+
+
+# ----------------------------------------------------------------------------------- outputs
+
+def torch_bytes(obj) -> bytes:
+    """`torch.save(obj)` into memory: the exact bytes (and size) of the file before any is written."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def write_outputs(folder: Path, files: dict[str, bytes]) -> list[Path]:
+    """Write `files` (name -> bytes) into `folder`, each atomically, after checking they all fit.
+
+    The space check comes first, so a full disk leaves every previous output as it was (not the
+    first file new and the rest old); a failure after it (a quota, a race) still removes the
+    temporary file and keeps that file's previous content. Raises `OutputError` (one line).
+    """
+    import errno
+
+    from mopro_fast.safe_io import OutputError, atomic_write_bytes, describe, free_bytes
+
+    folder = Path(folder)
+    needed = sum(len(data) for data in files.values())  # each new file is written beside its old one
+    free = free_bytes(folder)
+    if free is not None and needed > free:
+        raise OutputError(describe(OSError(errno.ENOSPC, "No space left on device"), folder, needed=needed))
+    return [atomic_write_bytes(folder / name, data) for name, data in files.items()]

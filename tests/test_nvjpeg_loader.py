@@ -15,6 +15,7 @@ import torch
 from data_tools.shards import read_samples
 from mopro_fast.data import Batch, EvalBatch, build_eval_loader, build_train_loader
 from mopro_fast.data.batch import denormalize_to_uint8_range
+from mopro_fast.data.errors import ShardError
 from mopro_fast.data.manifest import read_manifest
 from tests.conftest import run_cli
 
@@ -163,10 +164,15 @@ def test_errors_in_the_prefetch_thread_reach_the_caller(small_shards: Path, tmp_
     shutil.copytree(small_shards, broken)
     manifest = read_manifest(broken)
     shard = manifest.shards("train")[0].path
-    shard.write_bytes(shard.read_bytes()[:2048])  # truncated tar: fewer samples than the manifest says
+    # One stored JPEG zeroed in place (a truncated tar is caught earlier, by the manifest's size).
+    parts = shard.with_suffix(".idx").read_text().splitlines()[1].split()
+    offset, size = int(parts[parts.index("jpg") + 1]), int(parts[parts.index("jpg") + 2])
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(size))
     loader = train_loader(broken, workers=0, prefetch=2)
     loader.set_epoch(0)
-    with pytest.raises(Exception, match="unexpected end of data|ended after"):  # raised in the thread
+    with pytest.raises(ShardError, match=f"does not decode.*of {shard}"):  # raised in the thread
         list(loader)
 
 

@@ -56,6 +56,7 @@ from nvidia.dali import math as dmath
 
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
+from mopro_fast.data.errors import ShardError, damaged, damaged_split
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import mix_seed
 from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER
@@ -64,6 +65,21 @@ _MEAN = [255 * m for m in IMAGENET_MEAN]
 _STD = [255 * s for s in IMAGENET_STD]
 _READER = "reader"
 _SEED_MASK = (1 << 31) - 1  # DALI seeds are int32
+
+
+def _tiny_jpeg() -> np.ndarray:
+    """An 8 x 8 black JPEG (Pillow), decoded in place of a flagged sample (see `_screen`)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    return np.frombuffer(buf.getvalue(), np.uint8).copy()
+
+
+_TINY_JPEG = _tiny_jpeg()
+_INVALID = "Current pipeline object is no longer valid."  # DALI appends it to every error after the first
 
 
 # ----------------------------------------------------------------------------------- pipelines
@@ -75,6 +91,29 @@ def _read(paths: list[str], rank: int, world_size: int, shuffle: bool, initial_f
         shard_id=rank, num_shards=world_size, random_shuffle=shuffle, initial_fill=max(initial_fill, 1),
         stick_to_shard=True, pad_last_batch=False, name=_READER)
     return jpeg, label, index
+
+
+def _screen(jpeg):
+    """(bytes to decode, ok, source info): a sample that does not start with a JPEG marker (FF D8) is
+    swapped for a tiny valid JPEG and flagged, so the loader raises a ShardError naming it (DALI's
+    CPU decoder can crash the process on such bytes instead of raising)."""
+    src = fn.get_property(jpeg, key="source_info")  # "shard.tar:offset:member", read only on failure
+    ok = (jpeg[0] == np.uint8(0xFF)) & (jpeg[1] == np.uint8(0xD8))
+    if ok:
+        data = jpeg
+    else:
+        data = types.Constant(_TINY_JPEG, device="cpu")
+    return data, ok, src
+
+
+def _check_screened(ok, src) -> None:
+    """Raise ShardError for the first sample `_screen` flagged in a batch (ok, src: its CPU outputs)."""
+    flags = np.array(ok.as_tensor()).reshape(-1)
+    if flags.all():
+        return
+    shard, _, member = bytes(np.array(src[int(np.flatnonzero(flags == 0)[0])])).decode().partition(":")
+    raise damaged(shard, "a JPEG does not decode: it does not start with a JPEG marker",
+                  key=member.partition(":")[2].rsplit(".", 1)[0] or None)
 
 
 def _normalize(images, channels_last: bool, mirror=None, crop: int | None = None, crop_pos=None):
@@ -118,6 +157,7 @@ def _roi_view(jpeg, gpu: bool, hw_decoder_load: float, resolution: int):
 def _train_graph(paths, rank, world_size, initial_fill, resolution, gpu, channels_last, hw_decoder_load, debug,
                  decode="once"):
     jpeg, label, index = _read(paths, rank, world_size, True, initial_fill)
+    jpeg, ok, src = _screen(jpeg)
     if decode == "roi":  # two ROI decodes (the alternative `bench loader --dali-decode both` measures)
         weak, strong = (_roi_view(jpeg, gpu, hw_decoder_load, resolution) for _ in range(2))
         crop_q = crop_k = None
@@ -136,7 +176,7 @@ def _train_graph(paths, rank, world_size, initial_fill, resolution, gpu, channel
     view_k = _normalize(strong, channels_last, mirror=flip_k)
     if gpu:
         label, index = label.gpu(), index.gpu()
-    outputs = (view_q, view_k, label, index)
+    outputs = (view_q, view_k, label, index, ok, src)
     if debug:  # the sampled parameters, for tests (ROI decoding does not expose its crop windows)
         outputs += (flip_q, flip_k, gray) + ((crop_q, crop_k) if crop_q is not None else ())
     return outputs
@@ -144,6 +184,7 @@ def _train_graph(paths, rank, world_size, initial_fill, resolution, gpu, channel
 
 def _eval_graph(paths, rank, world_size, resize, resolution, gpu, channels_last, hw_decoder_load):
     jpeg, label, index = _read(paths, rank, world_size, False, 1)
+    jpeg, ok, src = _screen(jpeg)
     image = _decode(jpeg, gpu, hw_decoder_load)
     # Output size as views.eval_size: short side -> resize, long side floored (DALI's resize_shorter
     # rounds it, which shifts the scale and the crop by up to half a pixel).
@@ -162,7 +203,7 @@ def _eval_graph(paths, rank, world_size, resize, resolution, gpu, channels_last,
     image = _normalize(image, channels_last, crop=resolution, crop_pos=pos)
     if gpu:
         label, index = label.gpu(), index.gpu()
-    return image, label, index
+    return image, label, index, ok, src
 
 
 # ----------------------------------------------------------------------------------- DALI -> torch
@@ -196,6 +237,31 @@ def _device_id(device: torch.device) -> int | None:
     return None
 
 
+def _pipeline_error(exc: RuntimeError, paths: list[str], where: tuple[str, str]) -> ShardError:
+    """DALI's many-line pipeline error -> one ShardError naming the shard when DALI's text does.
+
+    `where` = (shards folder, split). DALI names the file for reader errors (a tar or index that
+    does not match); a JPEG that does not decode is reported without its sample, so the split is named.
+    """
+    text = str(exc)
+    found = text.split("encountered:", 1)[-1].split("C++ context", 1)[0].replace(_INVALID, "")
+    detail = " ".join(found.split())[:200] or "pipeline error"
+    decoder = "decoders.image" in text
+    what = f"a JPEG does not decode: {detail}" if decoder else f"the tar does not read: {detail}"
+    for path in paths:
+        if path in text or path[:-4] + ".idx" in text:
+            return damaged(path, what)
+    return damaged_split(where[0], where[1], what)
+
+
+def _checked(call, paths: list[str], where: tuple[str, str]):
+    """`call()` (a pipeline's build or run) with DALI's errors mapped by `_pipeline_error`."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        raise _pipeline_error(exc, paths, where) from None
+
+
 # ----------------------------------------------------------------------------------- loaders
 
 class DaliTrainLoader(EpochPlan):
@@ -213,7 +279,7 @@ class DaliTrainLoader(EpochPlan):
                  hw_decoder_load: float = 0.65, debug: bool = False, decode: str = "once"):
         check_loader_args(batch_size, resolution, workers, rank, world_size)
         infos = read_manifest(shards).shards(split)
-        self._paths = [str(s.path) for s in infos]
+        self._paths, self._where = [str(s.path) for s in infos], (str(shards), split)
         self.num_samples = sum(s.samples for s in infos)
         if self.num_samples == 0:
             raise ValueError(f"split {split!r} of {shards} has no samples")
@@ -237,24 +303,25 @@ class DaliTrainLoader(EpochPlan):
 
     def _build(self):
         gpu = self.device.type == "cuda"
-        pipe = pipeline_def(_train_graph, batch_size=self.batch_size, num_threads=max(self.workers, 1),
+        pipe = pipeline_def(_train_graph, enable_conditionals=True, batch_size=self.batch_size, num_threads=max(self.workers, 1),
                             device_id=_device_id(self.device), prefetch_queue_depth=self.prefetch,
                             seed=mix_seed(self.seed, self.rank, self.resolution) & _SEED_MASK)(
             self._paths, self.rank, self.world_size, self.shuffle_buffer, self.resolution, gpu,
             self.channels_last, self.hw_decoder_load, self.debug, self.decode)
-        pipe.build()
+        _checked(pipe.build, self._paths, self._where)
         return pipe
 
     def __iter__(self) -> Iterator[Batch]:
         if self._pipe is None:
             self._pipe = self._build()
         for _ in range(self.start_step, self._steps):
-            out = self._pipe.run()  # the reader wraps at its epoch end: it never runs dry
+            out = _checked(self._pipe.run, self._paths, self._where)  # the reader wraps at its epoch end
+            _check_screened(out[4], out[5])
             batch = Batch(_images(out[0], self.device, self.channels_last),
                           _images(out[1], self.device, self.channels_last),
                           _ints(out[2], self.device), _ints(out[3], self.device))
             if self.debug:
-                flip_q, flip_k, gray, *crops = (np.array(o.as_tensor()) for o in out[4:])
+                flip_q, flip_k, gray, *crops = (np.array(o.as_tensor()) for o in out[6:])
                 params = {"flip_q": flip_q.reshape(-1).astype(bool), "flip_k": flip_k.reshape(-1).astype(bool),
                           "gray": gray.reshape(-1) > 0.5}
                 if crops:
@@ -280,7 +347,7 @@ class DaliEvalLoader:
         if resize < resolution:
             raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
         infos = read_manifest(shards).shards(split)
-        self._paths = [str(s.path) for s in infos]
+        self._paths, self._where = [str(s.path) for s in infos], (str(shards), split)
         self.num_samples = sum(s.samples for s in infos)
         self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -295,14 +362,15 @@ class DaliEvalLoader:
         if self.share == 0:
             return
         gpu = self.device.type == "cuda"
-        pipe = pipeline_def(_eval_graph, batch_size=self.batch_size, num_threads=max(self.workers, 1),
+        pipe = pipeline_def(_eval_graph, enable_conditionals=True, batch_size=self.batch_size, num_threads=max(self.workers, 1),
                             device_id=_device_id(self.device), prefetch_queue_depth=self.prefetch, seed=0)(
             self._paths, self.rank, self.world_size, self.resize, self.resolution, gpu, self.channels_last,
             self.hw_decoder_load)
-        pipe.build()
+        _checked(pipe.build, self._paths, self._where)
         left = self.share
         while left > 0:
-            image, label, index = pipe.run()
+            image, label, index, ok, src = _checked(pipe.run, self._paths, self._where)
+            _check_screened(ok, src)
             n = min(left, self.batch_size)  # the last batch is trimmed to the share
             yield EvalBatch(_images(image, self.device, self.channels_last)[:n],
                             _ints(label, self.device)[:n], _ints(index, self.device)[:n])

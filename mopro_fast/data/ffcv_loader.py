@@ -27,6 +27,7 @@ threads stay as the run configured them.
 from __future__ import annotations
 
 import queue
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -41,13 +42,12 @@ from ffcv.traversal_order.base import TraversalOrder
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images, normalize_uint8
 from mopro_fast.data.color import apply_strong_color, sample_strong_color
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
-from mopro_fast.data.ffcv_ops import EvalDecoder, TwoViewDecoder, read_params
+from mopro_fast.data.errors import check_size, damaged, reason
+from mopro_fast.data.ffcv_ops import EvalDecoder, TwoViewDecoder, bad_rows, read_params
 from mopro_fast.data.manifest import ManifestError, read_manifest
 from mopro_fast.data.stream import eval_window, mix_seed
 
 TAG_ORDER, TAG_CROPS, TAG_COLOR = 11, 12, 13  # keep these seeds apart from stream.py's tags
-
-
 
 
 def beton_path(shards: Path | str, split: str) -> tuple[Path, int]:
@@ -60,7 +60,24 @@ def beton_path(shards: Path | str, split: str) -> tuple[Path, int]:
     path = manifest.root / info["file"]
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing; re-run the same convert command")
+    check_size(path, info.get("bytes"), what=".beton")
     return path, int(info["samples"])
+
+
+def _open(beton: Path, **kwargs) -> Loader:
+    """FFCV's Loader over `beton`; a file FFCV cannot parse (damaged header or tables) is a ShardError."""
+    try:
+        return Loader(str(beton), **kwargs)
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
+        raise damaged(beton, f"FFCV cannot open the .beton: {reason(exc)}") from None
+
+
+def _check_decoded(beton: Path, status_rows: np.ndarray, index: np.ndarray, byte: int | None = None) -> None:
+    """Raise ShardError when a sample's stored JPEG did not decode (the decoders' status byte)."""
+    bad = bad_rows(status_rows) if byte is None else bad_rows(status_rows, byte)
+    if len(bad):
+        raise damaged(beton, "a JPEG does not decode",
+                      key=f"index {int(index.reshape(-1)[bad[0]])}")
 
 
 def epoch_order(num_samples: int, batch_size: int, steps: int, rank: int, world_size: int, seed: int,
@@ -97,16 +114,29 @@ def _batches(loader: Loader) -> Iterator[tuple]:
     """Iterate an FFCV loader, failing instead of hanging when its pipeline thread dies.
 
     FFCV's EpochIterator runs the compiled pipeline on a thread; an exception there (a JIT typing
-    error, a corrupt image) ends the thread and leaves `__next__` waiting forever on its queue.
+    error, a damaged record) ends the thread and leaves `__next__` waiting forever on its queue.
+    The thread's exception is caught (not printed) and raised here as one `ShardError` line; the
+    thread is joined before the loader's memory is released.
     """
     it = iter(loader)
+    died: list[BaseException] = []
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.thread is it:
+            died.append(args.exc_value)
+        else:
+            previous(args)
+
+    threading.excepthook = hook
     try:
         while True:
             try:
                 item = it.output_queue.get(timeout=1.0)
             except queue.Empty:
                 if not it.is_alive() and it.output_queue.empty():
-                    raise RuntimeError(f"the FFCV pipeline thread of {loader.fname} died (its traceback is above)")
+                    what = reason(died[0]) if died else "its pipeline thread died"
+                    raise damaged(loader.fname, f"the FFCV pipeline failed: {what}") from None
                 continue
             if item is None:
                 return
@@ -115,6 +145,16 @@ def _batches(loader: Loader) -> Iterator[tuple]:
                 it.current_stream.wait_stream(it.cuda_streams[slot])
             yield result
     finally:
+        # Stop the thread before FFCV's close() unmaps the file: a thread still making a batch
+        # (after an error or an early stop here) would read freed memory and crash the process.
+        it.terminate_event.set()
+        while it.is_alive():
+            try:
+                it.output_queue.get_nowait()  # unblock a thread waiting on a full queue
+            except queue.Empty:
+                pass
+            it.join(timeout=0.1)
+        threading.excepthook = previous
         it.close()
 
 
@@ -167,7 +207,7 @@ class FfcvTrainLoader(EpochPlan):
 
     def _build(self) -> Loader:
         self._order = _PlanOrder(self)
-        loader = Loader(str(self._beton), batch_size=self.batch_size, num_workers=max(self.workers, 1), os_cache=True,
+        loader = _open(self._beton, batch_size=self.batch_size, num_workers=max(self.workers, 1), os_cache=True,
                         order=self._order, seed=self.seed, drop_last=True, batches_ahead=max(self.prefetch, 1),
                         pipelines=_pipelines(TwoViewDecoder(self.resolution, mix_seed(self.seed, self.rank, TAG_CROPS))))
         self._order.full = False
@@ -180,6 +220,7 @@ class FfcvTrainLoader(EpochPlan):
         step = self.start_step
         generator = torch.Generator()
         for images, label, index in _batches(self._loader):
+            _check_decoded(self._beton, images[:, 0, res], index)
             out = torch.from_numpy(images)  # B x 2 x (res + 1) x res x 3 uint8, FFCV's buffer
             view_q = _own(out[:, 0, :res].permute(0, 3, 1, 2), self.channels_last)  # B x 3 x res x res uint8
             view_k = _own(out[:, 1, :res].permute(0, 3, 1, 2), self.channels_last)
@@ -234,12 +275,14 @@ class FfcvEvalLoader:
         if self.share[1] == self.share[0]:
             return
         if self._loader is None:
-            self._loader = Loader(str(self._beton), batch_size=self.batch_size, num_workers=max(self.workers, 1),
+            self._loader = _open(self._beton, batch_size=self.batch_size, num_workers=max(self.workers, 1),
                                   os_cache=True, order=OrderOption.SEQUENTIAL, drop_last=False,
                                   indices=np.arange(*self.share), batches_ahead=max(self.prefetch, 1),
                                   pipelines=_pipelines(EvalDecoder(self.resize, self.resolution)), seed=0)
-        for images, label, index in _batches(self._loader):
-            image = _own(torch.from_numpy(images).permute(0, 3, 1, 2), self.channels_last)  # b x 3 x res x res uint8
+        crop = self.resolution
+        for images, label, index in _batches(self._loader):  # b x (crop + 1) x crop x 3: the view, a status row
+            _check_decoded(self._beton, images[:, crop], index, byte=0)
+            image = _own(torch.from_numpy(images[:, :crop]).permute(0, 3, 1, 2), self.channels_last)
             yield EvalBatch(finish_images(image, self.device, self.channels_last), _int_column(label, self.device),
                             _int_column(index, self.device))
 

@@ -16,11 +16,13 @@ views as an uninterrupted one.
 
 Output per sample: uint8 `2 x (res + 1) x res x 3` (HWC, the layout FFCV's kernels write); rows
 0..res-1 of view v are its pixels, row res carries its parameters as little-endian uint16s (top,
-left, height, width of the crop, source height and width) and a flip byte, for tests and debugging.
+left, height, width of the crop, source height and width) and a flip byte, for tests and debugging,
+and a status byte: 1 when the stored JPEG did not decode (a damaged .beton; the loader raises).
 
 `EvalDecoder` makes `views.eval_view` exactly: resize the shorter side to `resize` with an
 antialiased bilinear (triangle) filter, long side floored, then the centre crop with Python's
-rounding; only the cropped output pixels are computed.
+rounding; only the cropped output pixels are computed. Its output has one more row, whose first
+byte is the same decode status.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ OSCacheManager.compile_reader = _os_cache_reader
 
 
 PARAM_FIELDS = ("top", "left", "height", "width", "src_height", "src_width")  # uint16 each, then a flip byte
+_BAD_BYTE = 2 * len(PARAM_FIELDS) + 1  # then 1 when the stored JPEG did not decode (a damaged .beton)
 _JPG = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]; 1 = raw pixels
 
 # FFCV's ctypes wrappers, compiled once per process and shared by every pipeline (FFCV's own
@@ -148,11 +151,18 @@ def _put_params(row, top, left, h, w, src_h, src_w, flip):
 
 
 def read_params(rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The parameter rows (B x res x 3 uint8, one view) -> arrays of PARAM_FIELDS plus `flip`."""
+    """The parameter rows (B x res x 3 uint8, one view) -> arrays of PARAM_FIELDS plus `flip` and `bad`."""
     flat = rows.reshape(rows.shape[0], -1).astype(np.int64)
     out = {name: flat[:, 2 * i] + 256 * flat[:, 2 * i + 1] for i, name in enumerate(PARAM_FIELDS)}
     out["flip"] = flat[:, 2 * len(PARAM_FIELDS)].astype(bool)
+    out["bad"] = flat[:, _BAD_BYTE].astype(bool)
     return out
+
+
+def bad_rows(rows: np.ndarray, byte: int = _BAD_BYTE) -> np.ndarray:
+    """Positions in the batch whose JPEG did not decode: byte `byte` of their parameter rows
+    (B x res x 3, `TwoViewDecoder`) or of their status rows (B x crop x 3, `EvalDecoder`: byte 0)."""
+    return np.flatnonzero(rows.reshape(rows.shape[0], -1)[:, byte])
 
 
 def _source_buffer(metadata) -> AllocationQuery:
@@ -166,8 +176,8 @@ class TwoViewDecoder(Operation):
 
     def __init__(self, resolution: int, seed: int):
         super().__init__()
-        if resolution < 3:  # the parameter row needs 13 bytes
-            raise ValueError(f"resolution must be at least 3, got {resolution}")
+        if resolution < 5:  # the parameter row (3 x res bytes) needs 14
+            raise ValueError(f"resolution must be at least 5, got {resolution}")
         self.resolution = resolution
         self.seed = seed & ((1 << 64) - 1)
 
@@ -180,6 +190,7 @@ class TwoViewDecoder(Operation):
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c, resize_c, crop_c, flip_c, params_c, mix_c, uniform_c = (_imdecode, _resize_crop, sample_crop, _flip_columns, _put_params, _mix, _uniform)
+        put_c, bad_byte = _put_byte, _BAD_BYTE
         res, seed = self.resolution, np.uint64(self.seed)
         scale_lo, scale_hi = CROP_SCALE
         log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
@@ -193,9 +204,10 @@ class TwoViewDecoder(Operation):
                 field = metadata[batch_indices[dst_ix]]
                 data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                status = 0
                 if field["mode"] == _JPG:
                     buf = scratch[dst_ix]
-                    imdecode_c(data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
+                    status = imdecode_c(data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
                     image = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
@@ -209,6 +221,7 @@ class TwoViewDecoder(Operation):
                     if flip:
                         flip_c(out)
                     params_c(destination[dst_ix, view, res], top, left, h, w, height, width, flip)
+                    put_c(destination[dst_ix, view, res], bad_byte, 1 if status != 0 else 0)
             return destination[:n]
 
         decode.is_parallel = True
@@ -287,7 +300,7 @@ class EvalDecoder(Operation):
         self.resize, self.crop = resize, crop
 
     def declare_state_and_memory(self, previous_state):
-        shape = (self.crop, self.crop, 3)
+        shape = (self.crop + 1, self.crop, 3)  # the crop, then a status row (byte 0: 1 = JPEG did not decode)
         rows = (int(self.metadata["height"].max()), self.crop, 3)
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
                 (AllocationQuery(shape, np.dtype("<u1")), _source_buffer(self.metadata),
@@ -304,13 +317,15 @@ class EvalDecoder(Operation):
                 field = metadata[batch_indices[dst_ix]]
                 data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                status = 0
                 if field["mode"] == _JPG:
                     buf = scratch[dst_ix]
-                    imdecode_c(data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
+                    status = imdecode_c(data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
                     image = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
-                crop_c(image, resize, crop, destination[dst_ix], rows[dst_ix])
+                crop_c(image, resize, crop, destination[dst_ix, :crop], rows[dst_ix])
+                destination[dst_ix, crop, 0, 0] = 1 if status != 0 else 0
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

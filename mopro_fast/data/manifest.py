@@ -2,7 +2,9 @@
 
 Only what the loaders need: the class count, and per split its shard files (with their sample
 counts, so the loaders can plan who reads what without opening a tar) and its sample total.
-Every problem is a `ManifestError` with a one-line message naming the file or split.
+Every problem is a `ManifestError` with a one-line message naming the file or split; a shard
+whose size differs from the manifest's record (a truncated copy) is a `ShardError` (errors.py),
+checked with one stat per shard when the loaders start (a full sha256 check is `mopro-fast verify`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from mopro_fast.data.errors import check_size
 
 MANIFEST = "manifest.json"
 
@@ -22,6 +26,7 @@ class ManifestError(Exception):
 class ShardInfo:
     path: Path  # absolute path of the .tar
     samples: int  # samples in it, as the manifest says
+    bytes: int | None = None  # its size, as the manifest says (None in manifests without it)
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class Manifest:
         if not info["shards"] and int(info["num_written"]) and "beton" in info:
             raise ManifestError(f"{self.root} holds FFCV .beton files only (convert --format ffcv): use "
                                 f"loader.backend=ffcv, or convert with --format both for the other backends")
-        shards = [ShardInfo(self.root / s["file"], int(s["samples"])) for s in info["shards"]]
+        shards = [ShardInfo(self.root / s["file"], int(s["samples"]), s.get("bytes")) for s in info["shards"]]
         if sum(s.samples for s in shards) != int(info["num_written"]):
             raise ManifestError(f"{self.root / MANIFEST}: split {name!r} lists shards with "
                                 f"{sum(s.samples for s in shards)} samples but num_written is {info['num_written']}")
@@ -55,6 +60,7 @@ class Manifest:
             for shard in shards:
                 if not shard.path.is_file():
                     raise ManifestError(f"shard {shard.path} of split {name!r} is listed in the manifest but missing")
+                check_size(shard.path, shard.bytes)
         return shards
 
 

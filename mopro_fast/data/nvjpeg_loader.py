@@ -45,26 +45,42 @@ from mopro_fast.data.gpu_views import eval_view_batch, to_device, two_views_batc
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.prefetch import prefetch
 from mopro_fast.data.stream import TAG_VIEWS, eval_window, mix_seed, pieces
-from mopro_fast.data.torch_loader import RawSample, _worker_id, read_pieces, slot_batches
+from mopro_fast.data.torch_loader import RawSample, _worker_id, read_pieces, slot_batches, undecodable
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-RawBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # bytes, lengths, labels, indices
+# bytes, lengths, labels, indices, and per sample (shard, key) for error messages
+RawBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[str, str]]]
 
 
 def pack(samples: list[RawSample]) -> RawBatch:
-    """B raw samples -> (one uint8 buffer of all JPEG bytes, B lengths, B labels, B indices)."""
+    """B raw samples -> (one uint8 buffer of all JPEG bytes, B lengths, B labels, B indices, B sources)."""
     data = torch.frombuffer(bytearray(b"".join(s[0] for s in samples)), dtype=torch.uint8)
     lengths = torch.tensor([len(s[0]) for s in samples], dtype=torch.int64)
     return (data, lengths, torch.tensor([s[1] for s in samples], dtype=torch.int64),
-            torch.tensor([s[2] for s in samples], dtype=torch.int64))
+            torch.tensor([s[2] for s in samples], dtype=torch.int64), [s[3] for s in samples])
 
 
-def decode_batch(data: torch.Tensor, lengths: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-    """One `decode_jpeg` call on the whole batch: uint8 `3 x H_b x W_b` RGB images on `device`."""
+def decode_batch(data: torch.Tensor, lengths: torch.Tensor, device: torch.device,
+                 sources: list[tuple[str, str]] | None = None) -> list[torch.Tensor]:
+    """One `decode_jpeg` call on the whole batch: uint8 `3 x H_b x W_b` RGB images on `device`.
+
+    When it fails and `sources` ((shard, key) per sample) are given, the JPEGs are decoded one by
+    one to find the damaged one, and a `ShardError` names it.
+    """
     jpegs = list(torch.split(data, lengths.tolist()))  # views into one host buffer, no copies
-    return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    try:
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        if sources is None:
+            raise
+        for jpeg, where in zip(jpegs, sources):
+            try:
+                decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as one:
+                raise undecodable(where, one) from None
+        raise undecodable((sources[0][0], f"{sources[0][1]} or a sample of its batch"), exc) from None
 
 
 def finish(views: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
@@ -145,8 +161,8 @@ class NvjpegTrainLoader(EpochPlan):
         self.resolution = resolution
 
     def _make(self, item: tuple[int, RawBatch]):
-        step, (data, lengths, label, index) = item
-        images = decode_batch(data, lengths, self.device)
+        step, (data, lengths, label, index, sources) = item
+        images = decode_batch(data, lengths, self.device, sources)
         generator = torch.Generator(device=images[0].device)
         generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank, self.world_size, step, TAG_VIEWS))
         view_q, view_k, (weak, strong) = two_views_batch(images, generator, self.resolution)
@@ -205,8 +221,8 @@ class NvjpegEvalLoader:
                    for s, e in (eval_window(self.num_samples, self.rank, self.world_size, W, w) for w in range(W)))
 
     def _make(self, raw: RawBatch) -> EvalBatch:
-        data, lengths, label, index = raw
-        image = eval_view_batch(decode_batch(data, lengths, self.device), self.resize, self.resolution)
+        data, lengths, label, index, sources = raw
+        image = eval_view_batch(decode_batch(data, lengths, self.device, sources), self.resize, self.resolution)
         return EvalBatch(finish(image, self.dtype, self.channels_last), to_device(label, self.device),
                          to_device(index, self.device))
 

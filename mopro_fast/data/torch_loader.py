@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -32,12 +33,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
+from mopro_fast.data.errors import ShardError, damaged, reason
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import (TAG_BUFFER, TAG_VIEWS, Piece, batches_of_worker, buffer_shuffle, eval_window,
                                     mix_seed, pieces, shard_order, train_window)
 from mopro_fast.data.views import eval_view, two_views
 
-RawSample = tuple[bytes, int, int]  # (JPEG bytes, label, sample index)
+RawSample = tuple[bytes, int, int, tuple[str, str]]  # (JPEG bytes, label, sample index, (shard, key))
 _FIELDS = (".jpg", ".lbl", ".sid")  # the tar members we need; .cls and .json are skipped
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec, warning on every call;
@@ -47,20 +49,29 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 
 def read_piece(path: str, lo: int, hi: int) -> Iterator[RawSample]:
-    """Samples [lo, hi) of one shard, read with webdataset's tar iterators (no decoding)."""
+    """Samples [lo, hi) of one shard, read with webdataset's tar iterators (no decoding).
+
+    A damaged tar (cut short, a member missing, bad headers) raises `ShardError` naming the shard
+    and the sample (or the last good one before the damage).
+    """
     from webdataset.tariterators import tarfile_samples  # imported here: only workers read tars
 
     samples = tarfile_samples([{"url": path}], select_files=lambda name: name.endswith(_FIELDS))
-    n = lo
+    n, key, last = lo, None, None
     try:
         for sample in itertools.islice(samples, lo, hi):
-            yield (sample["jpg"], int.from_bytes(sample["lbl"], "little", signed=True),
-                   int.from_bytes(sample["sid"], "little", signed=True))
+            key = sample.get("__key__")
+            raw = (sample["jpg"], int.from_bytes(sample["lbl"], "little", signed=True),
+                   int.from_bytes(sample["sid"], "little", signed=True), (path, key))
+            last, key = key, None
+            yield raw
             n += 1
+    except (tarfile.TarError, OSError, EOFError, KeyError, ValueError) as exc:
+        raise damaged(path, f"the tar does not read: {reason(exc)}", key=key, after=last) from None
     finally:
         samples.close()
     if n < hi:
-        raise RuntimeError(f"shard {path} ended after {n} samples; the manifest promised at least {hi}")
+        raise damaged(path, f"it ends after {n} samples, the manifest promised at least {hi}", after=last)
 
 
 def read_pieces(paths: list[str], plan: list[Piece]) -> Iterator[RawSample]:
@@ -68,10 +79,20 @@ def read_pieces(paths: list[str], plan: list[Piece]) -> Iterator[RawSample]:
         yield from read_piece(paths[piece.shard], piece.lo, piece.hi)
 
 
-def decode(jpeg: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 3 x H x W RGB (libjpeg-turbo via torchvision)."""
+def decode(jpeg: bytes, where: tuple[str, str] | None = None) -> torch.Tensor:
+    """JPEG bytes -> uint8 3 x H x W RGB (libjpeg-turbo via torchvision); `where` = (shard, key) for errors."""
     # bytearray: torch.frombuffer wants a writable buffer (decode_jpeg only reads it).
-    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        if where is None:
+            raise
+        raise undecodable(where, exc) from None
+
+
+def undecodable(where: tuple[str, str], exc: BaseException) -> ShardError:
+    """The ShardError for a stored JPEG that does not decode; `where` = (shard path, sample key)."""
+    return damaged(where[0], f"a JPEG does not decode: {reason(exc)}", key=where[1])
 
 
 def _empty_images(batch: int, res: int, channels_last: bool) -> torch.Tensor:
@@ -110,9 +131,9 @@ class _TrainEpoch(IterableDataset):
             view_q = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
             view_k = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
             labels, indices = torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.int64)  # B, B
-            for i, (jpeg, label, index) in enumerate(samples):
+            for i, (jpeg, label, index, where) in enumerate(samples):
                 generator.manual_seed(mix_seed(*key, b * B + i, TAG_VIEWS))
-                view_q[i], view_k[i] = two_views(decode(jpeg), generator, self.resolution)
+                view_q[i], view_k[i] = two_views(decode(jpeg, where), generator, self.resolution)
                 labels[i], indices[i] = label, index
             yield slot + b * W, view_q, view_k, labels, indices
 
@@ -156,8 +177,8 @@ class _EvalShare(IterableDataset):
         raw = read_pieces(self.paths, pieces(self.sizes, start, end, lambda p: range(len(self.sizes))))
         while chunk := list(itertools.islice(raw, self.batch_size)):
             images = _empty_images(len(chunk), self.resolution, self.channels_last)  # b x 3 x res x res uint8
-            for i, (jpeg, _, _) in enumerate(chunk):
-                images[i] = eval_view(decode(jpeg), self.resize, self.resolution)
+            for i, (jpeg, _, _, where) in enumerate(chunk):
+                images[i] = eval_view(decode(jpeg, where), self.resize, self.resolution)
             yield (images, torch.tensor([c[1] for c in chunk], dtype=torch.int64),
                    torch.tensor([c[2] for c in chunk], dtype=torch.int64))
 
