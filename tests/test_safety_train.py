@@ -99,6 +99,8 @@ def reference(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     result = train(*tiny(data, out))
     assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])  # the closing JSON block
+    assert summary["eval"]["val"]["samples"] == 16 and summary["run_dir"] == str(out)
     return out
 
 
@@ -281,6 +283,9 @@ def test_relative_shards_from_another_folder_suggest_an_absolute_path(data, refe
                             capture_output=True, text=True, cwd=elsewhere, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     one_line(result, 2, "relative", "data.shards=/")
+    folder = subprocess.run([sys.executable, "-m", "mopro_fast.cli", "eval", str(reference)], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    one_line(folder, 2, "is a folder, not a checkpoint file", ckpt.name)
 
 
 def _text(path: Path) -> str:
