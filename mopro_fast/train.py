@@ -1,11 +1,13 @@
 """`mopro-fast train RECIPE`: the training loop (DESIGN.md sections 1 and 3).
 
 `train` claims the run folder (locked, never mixed with an old run: `mopro_fast.runfolder`),
-`_setup` builds one `Run` (device, resume point, model, optimiser, loaders, log), `_loop` runs the
-epochs (one readable step per batch, a log window every `run.log_every` steps, evaluation and a
-checkpoint per epoch, a checkpoint on SIGINT/SIGTERM or every `run.ckpt_every_minutes`), `_finish`
-writes the summary. The same code runs on a CPU in one process and under `torchrun` on many GPUs;
-all rank logic is in `mopro_fast.dist`, and the trainer never asks which loader backend it has.
+`_setup` builds one `Run` (device, resume point, model and optimiser from `build_model`, loaders,
+log), `_loop` runs the epochs (one `train_step` per batch, a log window every `run.log_every`
+steps, evaluation and a checkpoint per epoch, a checkpoint on SIGINT/SIGTERM or every
+`run.ckpt_every_minutes`), `_finish` writes the summary. The same code runs on a CPU in one
+process and under `torchrun` on many GPUs; all rank logic is in `mopro_fast.dist`, and the
+trainer never asks which loader backend it has. `bench step` and `bench e2e` build and step
+through the same `build_model` and `train_step`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,46 @@ def train_step(mopro_enabled: bool, step_fn, mopro: MoPro, query: nn.Module, opt
     if mopro_enabled:
         mopro.momentum_update()  # key-network EMA reads the new query weights
     return metrics
+
+
+class Training(NamedTuple):
+    """What `build_model` makes, in the order `Run` holds it."""
+
+    mopro: MoPro
+    query: nn.Module  # mopro.query, wrapped in DDP with several ranks
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object  # the forward passes' mixed-precision context
+    step_fn: object  # mopro_step, or its torch.compile'd version
+
+
+def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, world: int = 1,
+                init: str | Path | None = None) -> Training:
+    """Model, optimiser, GradScaler, autocast and step function as the recipe says: `cfg.model`,
+    `cfg.mopro`, `cfg.optim` (`lr` is the peak lr, `Derived.lr`) and `cfg.run`'s precision,
+    channels_last and compile. The caller seeds first. `init`: a checkpoint whose weights start the
+    model (`init_from`). With `world` > 1 the query network is wrapped in DDP. The trainer and the
+    `bench step`/`bench e2e` benchmarks build through here."""
+    net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem)
+    mopro = MoPro(net, num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
+                  cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
+                  cfg.mopro.w_inst, cfg.mopro.w_proto).to(device)
+    if init:
+        note = init_from(Path(init), mopro)
+        if dist.is_main():
+            print(note, flush=True)
+    if cfg.run.channels_last:
+        mopro.to(memory_format=torch.channels_last)
+    dist.broadcast_module_(mopro)  # key net, queue and prototypes must start equal on every rank
+    query = mopro.query
+    if world > 1:
+        # Only the query network is trained; the key network follows by EMA outside DDP's sync.
+        query = nn.parallel.DistributedDataParallel(mopro.query, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = runtime.sgd(mopro.query.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay,
+                            cfg.optim.nesterov, cfg.optim.impl, device)
+    return Training(mopro, query, optimizer, runtime.grad_scaler(device, cfg.run.precision),
+                    runtime.autocast(device, cfg.run.precision),
+                    torch.compile(mopro_step) if cfg.run.compile else mopro_step)
 
 
 @dataclass
@@ -167,29 +210,8 @@ def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None)
     if found is not None and found[1]["epoch"] >= cfg.schedule.epochs:
         return _already_finished(cfg, folder.path, *found)  # before anything is written
 
-    # ---- model
-    net = MoProNet(derived.num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden,
-                   cfg.model.small_stem)
-    mopro = MoPro(net, derived.num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
-                  cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
-                  cfg.mopro.w_inst, cfg.mopro.w_proto).to(device)
-    if init:
-        note = init_from(Path(init), mopro)
-        if dist.is_main():
-            print(note, flush=True)
-    if cfg.run.channels_last:
-        mopro.to(memory_format=torch.channels_last)
-    dist.broadcast_module_(mopro)  # key net, queue and prototypes must start equal on every rank
-    query = mopro.query
-    if world > 1:
-        # Only the query network is trained; the key network follows by EMA outside DDP's sync.
-        query = nn.parallel.DistributedDataParallel(mopro.query, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = runtime.sgd(mopro.query.parameters(), derived.lr, cfg.optim.momentum, cfg.optim.weight_decay,
-                            cfg.optim.nesterov, cfg.optim.impl, device)
-    scaler = runtime.grad_scaler(device, cfg.run.precision)
-    run = Run(cfg, derived, folder, device, world, mopro, query, optimizer, scaler,
-              runtime.autocast(device, cfg.run.precision),
-              torch.compile(mopro_step) if cfg.run.compile else mopro_step, Position())
+    run = Run(cfg, derived, folder, device, world,
+              *build_model(cfg, derived.num_classes, derived.lr, device, world, init), Position())
     if found is not None:
         run.pos = _apply_resume(*found, run)  # (a checkpoint that does not fit fails here, nothing written yet)
     if dist.is_main():

@@ -25,3 +25,45 @@ def test_bench_prints_json_with_ratio(args: list[str], keys: list[str]) -> None:
         assert isinstance(report[key], (int, float)) and report[key] > 0, key
     if "max_abs_err" in report:
         assert report["max_abs_err"] < 1e-4
+
+
+def test_kit_times_paths_in_interleaved_rounds() -> None:
+    from mopro_fast.bench.kit import interleaved
+
+    calls: list[str] = []
+    first, second = interleaved([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", rounds=2, warmup=1,
+                                per_round=[1, 2], setup=lambda: calls.append("-"))
+    assert calls == ["-", "a", "-", "b", "-", "b"] * 3  # warm-up round first, then alternating rounds
+    assert len(first.times_ms) == 2 and len(second.times_ms) == 4
+    assert first.median_ms > 0 and first.spread >= 0 and set(first.summary()) >= {"median_ms", "spread", "runs"}
+
+
+def test_bench_arch_choices_are_the_model_archs() -> None:
+    from mopro_fast.bench.kit import ArchChoice
+    from mopro_fast.model import ARCHS
+
+    assert ArchChoice().choices == ARCHS
+
+
+def test_bench_step_builds_and_steps_with_the_trainer_functions(monkeypatch) -> None:
+    """Both paths of `bench step` come from `train.build_model` and run `train.train_step`."""
+    from mopro_fast import train
+    from mopro_fast.bench.step import run_step_bench
+
+    built, stepped = [], []
+    real_build, real_step = train.build_model, train.train_step
+
+    def build_model(cfg, *args, **kwargs):
+        built.append((cfg.run.precision, cfg.run.channels_last, cfg.optim.impl))
+        return real_build(cfg, *args, **kwargs)
+
+    def train_step(*args, **kwargs):
+        stepped.append(args[5])  # the GradScaler
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "build_model", build_model)
+    monkeypatch.setattr(train, "train_step", train_step)
+    result = run_step_bench("resnet18", 16, 4, 10, "cpu", "fp32", False, True, rounds=1, warmup=0)
+    assert built == [("fp32", True, "auto"), ("fp32", False, "for_loop")]
+    assert len(stepped) == 2 and all(hasattr(s, "scale") for s in stepped)
+    assert result["fast_img_s"] > 0 and result["original_img_s"] > 0 and result["timings"]["fast"]["runs"] == 1

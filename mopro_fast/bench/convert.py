@@ -4,6 +4,8 @@ Naive way (what a first script does, and roughly what the original code pays per
 epoch): one process, for each listed file open it with PIL, decode it in full, convert to RGB,
 resize, encode, add it to a tar. Fast path: `mopro-fast convert` (DCT-domain downscaled decode,
 pass-through of already-small JPEGs, a process pool over shards), at 1 worker and at all workers.
+The three run in interleaved rounds (`mopro_fast.bench.kit.interleaved`, perf_counter), after one
+untimed fast run; medians are reported.
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import statistics
 import tarfile
 import tempfile
 from pathlib import Path
 
 import click
 
-from mopro_fast.bench.common import emit, environment, median_seconds
+from mopro_fast.bench.kit import emit, environment, interleaved, json_option, timings
 
 
 def naive_convert(src: Path, out_tar: Path, max_side: int = 256, quality: int = 90) -> int:
@@ -79,12 +80,8 @@ def run_convert_bench(classes: int, per_class: int, image_size: int, workers: in
             return n
 
         images = fast(1)()  # warm-up: page cache, imports
-        # Interleaved rounds: every path sees the same machine load (a shared CPU varies a lot).
-        all_naive, all_one, all_all = [], [], []
-        for _ in range(repeats):
-            for fn, times in ((naive, all_naive), (fast(1), all_one), (fast(workers), all_all)):
-                times.append(median_seconds(fn, 1, warmup=0)[0])
-        t_naive, t_one, t_all = (statistics.median(t) for t in (all_naive, all_one, all_all))
+        naive_t, one_t, all_t = interleaved([naive, fast(1), fast(workers)], "cpu", repeats, warmup=0)
+    t_naive, t_one, t_all = (t.median_ms / 1e3 for t in (naive_t, one_t, all_t))
     return {
         "bench": "convert",
         "images": images,
@@ -94,9 +91,11 @@ def run_convert_bench(classes: int, per_class: int, image_size: int, workers: in
         "workers": workers,
         "ratio_1_worker": round(t_naive / t_one, 2),
         "ratio_all_workers": round(t_naive / t_all, 2),
-        "seconds": {"naive": all_naive, "fast_1_worker": all_one, "fast_all_workers": all_all},
+        "seconds": {name: [ms / 1e3 for ms in t.times_ms]
+                    for name, t in (("naive", naive_t), ("fast_1_worker", one_t), ("fast_all_workers", all_t))},
         "settings": {"classes": classes, "per_class": per_class, "image_size": image_size, "max_side": 256,
                      "quality": 90, "shard_size": shard_size, "repeats": repeats},
+        "timings": timings(naive=naive_t, fast_1_worker=one_t, fast_all_workers=all_t),
         "env": environment("cpu"),
     }
 
@@ -110,7 +109,7 @@ def run_convert_bench(classes: int, per_class: int, image_size: int, workers: in
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Timed runs; the median is reported.")
 @click.option("--shard-size", default=100, show_default=True, help="Samples per shard in the fast path.")
 @click.option("--quick", is_flag=True, help="Small and single-shot (for CI): 5 classes x 20 images, 1 repeat.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def convert_bench(classes: int, per_class: int, image_size: int, workers: int | None, repeats: int,
                   shard_size: int, quick: bool, as_json: bool) -> None:
     """Conversion images/s on the built-in data set: naive PIL loop vs `convert` at 1 and all workers."""

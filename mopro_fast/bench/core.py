@@ -2,84 +2,21 @@
 literal loops of the original code, on the same inputs in the same run (DESIGN.md section 1
 step 6 and the momentum encoder; issue "MoPro core").
 
-Each command warms both paths up, then reports the median of repeated timings (CUDA events on a
-GPU, perf_counter on a CPU), their ratio, and the largest absolute difference between the two
-results computed from the same starting state. torch is imported inside the commands so that
-`mopro-fast --help` stays fast.
+Each command warms both paths up, then times them in interleaved rounds (`mopro_fast.bench.kit`:
+CUDA events on a GPU, perf_counter on a CPU) and reports the medians, their ratio, each path's
+spread under `timings`, and the largest absolute difference between the two results computed from
+the same starting state. torch is imported inside the commands so that `mopro-fast --help` stays
+fast.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from mopro_fast.bench.common import emit, environment
-
-# = mopro_fast.model.ARCHS, repeated so that `--help` does not import torchvision.
-_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-
-_device_option = click.option(
-    "--device", default="auto", show_default=True,
-    help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
-)
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON object only.")
-
-
-def _resolve_device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def time_ms(fn: Callable[[], object], device: Any, setup: Callable[[], object] | None = None) -> float:
-    """Wall time of one `fn()` in ms (CUDA events on a GPU); `setup()` runs first, untimed."""
-    import torch
-
-    if setup is not None:
-        setup()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def interleaved_medians(
-    fns: list[Callable[[], object]], device: Any, rounds: int, warmup: int,
-    per_round: list[int] | None = None, setup: Callable[[], object] | None = None,
-) -> list[float]:
-    """Median ms of each function, timed alternately round by round.
-
-    Each round runs `fns[i]` `per_round[i]` times (default once). Alternating, rather than timing
-    one block after the other, exposes every path to the same machine load, which matters on a
-    shared CPU. `warmup` untimed rounds come first.
-    """
-    per_round = per_round or [1] * len(fns)
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(warmup + rounds):
-        for fn, count, out in zip(fns, per_round, times):
-            measured = [time_ms(fn, device, setup) for _ in range(count)]
-            if i >= warmup:
-                out.extend(measured)
-    return [statistics.median(t) for t in times]
-
-
-def _environment(device: Any) -> dict[str, Any]:
-    import torch
-
-    return {**environment(str(device)), "threads": torch.get_num_threads()}
+from mopro_fast.bench.kit import (arch_option, device_option, emit, environment, interleaved, json_option,
+                                  resolve_device, timings)
 
 
 @click.command("proto")
@@ -98,8 +35,8 @@ def _environment(device: Any) -> dict[str, Any]:
               help="Timed runs of the fused update per round (it is far faster than the loop).")
 @click.option("--warmup", default=2, show_default=True, help="Untimed rounds first.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
-@_device_option
-@_json_option
+@device_option()
+@json_option
 def proto_bench(
     batch: int, classes: int, dim: int, kept_frac: float, momentum: float, dtype: str,
     rounds: int, fused_per_round: int, warmup: int, seed: int, device: str, as_json: bool,
@@ -118,7 +55,7 @@ def run_proto_bench(batch: int = 2048, classes: int = 1000, dim: int = 128, kept
 
     from mopro_fast.prototypes import prototype_update, prototype_update_reference
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     z = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch_dtype), dim=1).to(dev)
@@ -133,11 +70,12 @@ def run_proto_bench(batch: int = 2048, classes: int = 1000, dim: int = 128, kept
     def reset() -> None:
         protos.copy_(start)
 
-    loop_ms, fused_ms = interleaved_medians(
+    loop, fused_t = interleaved(
         [lambda: prototype_update_reference(protos, z, labels, kept, momentum),
          lambda: prototype_update(protos, z, labels, kept, momentum)],
         dev, rounds, warmup, per_round=[1, fused_per_round], setup=reset,
     )
+    loop_ms, fused_ms = loop.median_ms, fused_t.median_ms
     reference = prototype_update_reference(start.clone(), z, labels, kept, momentum)
     fused = prototype_update(start.clone(), z, labels, kept, momentum)
     return {
@@ -150,13 +88,13 @@ def run_proto_bench(batch: int = 2048, classes: int = 1000, dim: int = 128, kept
                      "kept_samples": int(kept.sum()), "momentum": momentum, "dtype": dtype,
                      "rounds": rounds, "fused_per_round": fused_per_round, "warmup": warmup,
                      "seed": seed},
-        "env": _environment(dev),
+        "timings": timings(loop=loop, fused=fused_t),
+        "env": environment(dev),
     }
 
 
 @click.command("ema")
-@click.option("--arch", type=click.Choice(_ARCHS), default="resnet50", show_default=True,
-              help="Encoder trunk; classifier and projection heads as in MoPro.")
+@arch_option(help="Encoder trunk; classifier and projection heads as in MoPro.")
 @click.option("--classes", default=1000, show_default=True, help="Classifier width K.")
 @click.option("--dim", default=128, show_default=True, help="Projection width d.")
 @click.option("--momentum", default=0.999, show_default=True, help="Key encoder momentum m.")
@@ -165,8 +103,8 @@ def run_proto_bench(batch: int = 2048, classes: int = 1000, dim: int = 128, kept
                    "flat fused update once.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed rounds first.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the network weights.")
-@_device_option
-@_json_option
+@device_option()
+@json_option
 def ema_bench(
     arch: str, classes: int, dim: int, momentum: float, rounds: int, warmup: int, seed: int,
     device: str, as_json: bool,
@@ -190,7 +128,7 @@ def run_ema_bench(arch: str = "resnet50", classes: int = 1000, dim: int = 128, m
     from mopro_fast.ema import FlatParameters, ema_update, ema_update_flat, ema_update_reference
     from mopro_fast.model import MoProNet
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     query = MoProNet(classes, arch=arch, dim=dim).to(dev)
     key_start = copy.deepcopy(query).requires_grad_(False)
@@ -211,12 +149,13 @@ def run_ema_bench(arch: str = "resnet50", classes: int = 1000, dim: int = 128, m
         return max(float((a - b).abs().max()) for a, b in pairs)
 
     errors = {"max_abs_err": max_err(key_flat), "foreach_max_abs_err": max_err(key_foreach)}
-    loop_ms, foreach_ms, fused_ms = interleaved_medians(
+    loop, foreach, fused_t = interleaved(
         [lambda: ema_update_reference(key_loop, query, momentum),
          lambda: ema_update(key_foreach, query, momentum),
          lambda: ema_update_flat(flat_k, flat_q, momentum)],
         dev, rounds, warmup,
     )
+    loop_ms, foreach_ms, fused_ms = loop.median_ms, foreach.median_ms, fused_t.median_ms
     params = list(query.parameters())
     return {
         "bench": "ema",
@@ -229,5 +168,6 @@ def run_ema_bench(arch: str = "resnet50", classes: int = 1000, dim: int = 128, m
         "settings": {"arch": arch, "classes": classes, "dim": dim, "momentum": momentum,
                      "tensors": len(params), "parameters": sum(p.numel() for p in params),
                      "rounds": rounds, "warmup": warmup, "seed": seed},
-        "env": _environment(dev),
+        "timings": timings(loop=loop, foreach=foreach, fused=fused_t),
+        "env": environment(dev),
     }

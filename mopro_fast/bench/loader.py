@@ -19,14 +19,13 @@ a conversion made with `--format both`.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import click
 
-from mopro_fast.bench.common import emit, environment
+from mopro_fast.bench.kit import (device_option, emit, environment, interleaved, json_option, resolve_device,
+                                  time_ms)
 
 BACKENDS = ("torch", "dali", "dali-roi", "ffcv", "nvjpeg")
 # "dali-roi": the dali backend with two ROI decodes per image (each decodes only its crop's region)
@@ -72,36 +71,35 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
 
     steps = 1 + warmup + windows * window_batches
     backend, extra = VARIANTS.get(backend, (backend, {}))
-    cuda = torch.device(device).type == "cuda"
-    if backend == "nvjpeg" and cuda:
+    dev = resolve_device(device)
+    if backend == "nvjpeg" and dev.type == "cuda":
         extra = {**extra, "dtype": torch.bfloat16}  # what a bf16 run feeds its first convolution
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    first_start = time.perf_counter()
-    loader = build_train_loader(backend, **extra, shards=shards, split=split, batch_size=batch_size, resolution=resolution,
-                                workers=workers, shuffle_buffer=1000, seed=0, rank=0, world_size=1, device=device,
-                                steps_per_epoch=steps)
-    loader.set_epoch(0)
-    it = iter(loader)
-    next(it)
-    sync()
-    first_s = time.perf_counter() - first_start  # build + first batch (JIT/compile, worker start-up)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        next(it)
-    sync()
-    warm_s = time.perf_counter() - start
-    times = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(window_batches):
-            next(it)
-        sync()
-        times.append(time.perf_counter() - start)
-    for _ in it:  # let the loader finish its epoch (torch checks its step count at the end)
+    held: dict = {}
+
+    def first_batch() -> None:  # build + first batch (JIT/compile, worker start-up)
+        loader = build_train_loader(backend, **extra, shards=shards, split=split, batch_size=batch_size,
+                                    resolution=resolution, workers=workers, shuffle_buffer=1000, seed=0, rank=0,
+                                    world_size=1, device=device, steps_per_epoch=steps)
+        loader.set_epoch(0)
+        held["it"] = iter(loader)
+        next(held["it"])
+
+    def batches(n: int):
+        def take() -> None:
+            for _ in range(n):
+                next(held["it"])
+        return take
+
+    # Wall clock between device synchronisations: a loader's GPU work may run on its own streams.
+    first_ms = time_ms(first_batch, dev, wall=True)
+    warm_ms = time_ms(batches(warmup), dev, wall=True)
+    (timing,) = interleaved([batches(window_batches)], dev, windows, warmup=0, wall=True)
+    for _ in held["it"]:  # let the loader finish its epoch (torch checks its step count at the end)
         pass
-    rates = [batch_size * window_batches / t for t in times]
-    return {"img_s": round(statistics.median(rates), 1), "window_img_s": [round(r, 1) for r in rates],
-            "first_batch_s": round(first_s, 2), "warmup_s": round(warm_s, 2)}
+    images = batch_size * window_batches
+    return {"img_s": round(timing.median_rate(images), 1),
+            "window_img_s": [round(r, 1) for r in timing.rates(images)], "first_batch_s": round(first_ms / 1e3, 2),
+            "warmup_s": round(warm_ms / 1e3, 2), "spread": round(timing.spread, 3)}
 
 
 def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int, batch_size: int,
@@ -148,8 +146,7 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="DataLoader workers (torch, nvjpeg) = DALI threads (dali) [default: all cores].")
-@click.option("--device", default="auto", show_default=True,
-              help="Where the batches are delivered: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
+@device_option("Where the batches are delivered: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Existing shards folder (with manifest.json) instead of generated ones.")
 @click.option("--split", default="train", show_default=True)
@@ -162,13 +159,11 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 @click.option("--max-side", default=384, show_default=True,
               help="Shorter side the generated images are stored at (convert --max-side).")
 @click.option("--quick", is_flag=True, help="CI-sized: 4 x 20 images at 160 px, res 64, batch 16, 2 windows of 2.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, workers: int | None,
                  device: str, shards: Path | None, split: str, warmup: int, windows: int, window_batches: int,
                  classes: int, per_class: int, image_size: int, max_side: int, quick: bool, as_json: bool) -> None:
     """Two-view training images/s of the loader backends on the same shards and device."""
-    from mopro_fast.bench.core import _resolve_device
-
     chosen = list(backends) or available_backends()
     if quick:
         resolution, batch_size, warmup, windows, window_batches = 64, 16, 1, 2, 2
@@ -179,7 +174,7 @@ def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, wo
     try:
         result = run_loader_bench(chosen, shards, split, resolution, batch_size, workers or os.cpu_count() or 1,
                                   warmup, windows, window_batches, classes, per_class, image_size, max_side,
-                                  str(_resolve_device(device)))
+                                  str(resolve_device(device)))
     except (BackendUnavailable, ManifestError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

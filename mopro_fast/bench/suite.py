@@ -22,7 +22,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,7 @@ from typing import Any, Callable
 
 import click
 
-from mopro_fast.bench.common import environment
-from mopro_fast.bench.core import _ARCHS, _resolve_device
+from mopro_fast.bench.kit import arch_option, device_option, environment, resolve_device, stopwatch
 
 
 @dataclass
@@ -120,7 +118,7 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
 
     def run(name: str, fn: Callable[[], dict]) -> None:
         progress(f"bench all: {name} ...")
-        start = time.perf_counter()
+        elapsed = stopwatch()
         try:
             results[name] = fn()
         except Exception as exc:  # noqa: BLE001 - recorded, the other benchmarks still run
@@ -128,10 +126,10 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
             progress(f"bench all: {name} FAILED: {errors[name]}")
             if os.environ.get("MOPRO_BENCH_TRACEBACK"):
                 traceback.print_exc()
-        seconds[name] = round(time.perf_counter() - start, 1)
+        seconds[name] = round(elapsed(), 1)
         progress(f"bench all: {name} done in {seconds[name]} s")
 
-    started = time.perf_counter()
+    total = stopwatch()
     if s.threads:
         import torch
 
@@ -169,7 +167,7 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
     env = environment(s.device)
     return {"report": "mopro-fast bench all", "date": dt.date.today().isoformat(), "device": device_slug(env),
             "quick": s.quick, "settings": dataclasses.asdict(s), "env": env, "results": results, "errors": errors,
-            "seconds": {**seconds, "total": round(time.perf_counter() - started, 1)}}
+            "seconds": {**seconds, "total": round(total(), 1)}}
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
@@ -192,15 +190,14 @@ def _installed(backends: list[str]) -> list[str]:
 
 @click.command("all")
 @click.option("--quick", is_flag=True, help="Tiny settings (CI: well under a minute on a 2-core CPU).")
-@click.option("--device", default="auto", show_default=True,
-              help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
+@device_option()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Report path [default: benchmarks/results/<device>[-quick]-<date>.json]; the .md goes next to it.")
 @click.option("--backend", "backends", multiple=True,
               help="Loader backends for the loader and e2e benchmarks (repeatable) [default: every installed one].")
 @click.option("--e2e-backend", "e2e_backends", multiple=True,
               help="Backends of the e2e benchmark (repeatable) [default: those of the loader benchmark].")
-@click.option("--arch", type=click.Choice(_ARCHS), help="Override the profile's architecture.")
+@arch_option(default=None, help="Override the profile's architecture.")
 @click.option("--res", type=click.IntRange(8), help="Override the profile's resolution.")
 @click.option("--batch", type=click.IntRange(1), help="Override the profile's batch size.")
 @click.option("--workers", type=click.IntRange(1), help="Loader workers and convert processes [default: all cores].")
@@ -218,7 +215,7 @@ def all_bench(quick: bool, device: str, out: Path | None, backends: tuple[str, .
     if unknown:
         raise click.UsageError(f"unknown loader backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
     try:
-        dev = str(_resolve_device(device))
+        dev = str(resolve_device(device))
     except RuntimeError as exc:
         raise click.UsageError(f"--device {device}: {exc}") from None
     if dev.startswith("cuda"):

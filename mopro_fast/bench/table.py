@@ -47,6 +47,12 @@ def _device_line(report: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _fused_row(r: dict[str, Any], what: str, loop: str) -> tuple[str, str, str, str]:
+    """The row of a fused update (`bench proto`, `bench ema`) against its loop."""
+    return (what, f"{_num(r['loop_ms'], ' ms')} ({loop})",
+            f"{_num(r['fused_ms'], ' ms')} (max abs err {r['max_abs_err']:.0e})", _ratio(r["ratio"]))
+
+
 def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(what, baseline, mopro-fast, ratio) per measured quantity, in the suite's order."""
     res, out = report.get("results", {}), []
@@ -73,17 +79,13 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if list(r["img_s"]) == ["torch"]:
             out.append((what.format("torch"), f"{_num(base)} img/s", "-", "-"))
     if "proto" in res:
-        r = res["proto"]
-        ps = r["settings"]
-        out.append((f"prototype update, {ps['batch']} gathered samples, K {ps['classes']}, d {ps['dim']}",
-                    f"{_num(r['loop_ms'], ' ms')} (per-sample loop)",
-                    f"{_num(r['fused_ms'], ' ms')} (max abs err {r['max_abs_err']:.0e})", _ratio(r["ratio"])))
+        ps = res["proto"]["settings"]
+        out.append(_fused_row(res["proto"], f"prototype update, {ps['batch']} gathered samples, K {ps['classes']}, "
+                                            f"d {ps['dim']}", "per-sample loop"))
     if "ema" in res:
-        r = res["ema"]
-        es = r["settings"]
-        out.append((f"momentum encoder EMA, {es['arch']} + heads ({es['parameters'] / 1e6:.0f} M parameters)",
-                    f"{_num(r['loop_ms'], ' ms')} (per-parameter loop)",
-                    f"{_num(r['fused_ms'], ' ms')} (max abs err {r['max_abs_err']:.0e})", _ratio(r["ratio"])))
+        es = res["ema"]["settings"]
+        out.append(_fused_row(res["ema"], f"momentum encoder EMA, {es['arch']} + heads "
+                                          f"({es['parameters'] / 1e6:.0f} M parameters)", "per-parameter loop"))
     for key in ("step", "step_compile"):
         if key in res:
             r = res[key]
