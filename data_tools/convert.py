@@ -34,7 +34,7 @@ import random
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,7 @@ from data_tools.shards import INDEX_VERSION, Sample, atomic_write_bytes, atomic_
     sha256_file, write_tar
 from data_tools.webvision import (ListingError, Record, Split, effective_classes, list_imagenet_val, list_webvision,
                                   read_synsets)
+from mopro_fast.manifest_doc import BetonEntry, ManifestDoc, SplitSummary
 from mopro_fast.progress import Progress
 from mopro_fast.safe_io import OutputError, describe, discard
 
@@ -369,38 +370,33 @@ def _convert(src: Path, out: Path, settings: ConvertSettings, workers: int, over
     for name in splits:
         if "ffcv" in formats:
             done = [(t, states[t.name]) for t in tasks if t.split == name]
-            summaries[name]["beton"] = ffcv_stage.write_split(out, name, done, beton, settings.seed, progress, every_s)
+            entry = ffcv_stage.write_split(out, name, done, beton, settings.seed, progress, every_s)
+            summaries[name] = replace(summaries[name], beton=BetonEntry(**entry))
         if "wds" not in formats:
-            summaries[name]["shards"] = []  # work files, gone
+            summaries[name] = replace(summaries[name], shards=[])  # work files, gone
     if formats == ("ffcv",):
         shutil.rmtree(out / WORK, ignore_errors=True)
-    manifest = _manifest(src, settings, synsets, formats, beton, summaries)
+    manifest = _manifest(src, settings, synsets, formats, beton, summaries).to_json()
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
 def _manifest(src: Path, settings: ConvertSettings, synsets: list, formats: tuple[str, ...], beton: BetonSettings,
-              summaries: dict[str, dict]) -> dict:
+              summaries: dict[str, SplitSummary]) -> ManifestDoc:
     from mopro_fast import __version__  # light: the package's __init__ imports nothing heavy
 
     k = num_classes(settings, synsets)
-    manifest = {
-        "format": FORMAT,
-        "tool": {"name": "mopro-fast", "version": __version__},
-        "settings": asdict(settings),
-        "source": str(src.resolve()),
-        "fields": {"jpg": "RGB JPEG", "cls": "label, ASCII", "lbl": "label, int32 LE",
-                   "sid": "sample index in split, int32 LE", "json": "record metadata"},
-        "index_format": f"DALI wds2idx {INDEX_VERSION}",
-        "num_classes": k,
-        "classes": [{"id": i, "wnid": s.wnid, "name": s.name} for i, s in enumerate(synsets[:k])],
-        "splits": {},
-    }
+    ffcv = None
     if formats != ("wds",):  # (a wds-only manifest stays byte-identical to earlier versions)
         from importlib.metadata import version
 
-        manifest["formats"] = list(formats)
-        manifest["ffcv"] = {"settings": asdict(beton), "fields": FIELDS_DOC, "page_size": PAGE_SIZE,
-                            "ffcv_version": version("ffcv"), "file_version": 2}
-    manifest["splits"] = summaries
-    return manifest
+        ffcv = {"settings": asdict(beton), "fields": FIELDS_DOC, "page_size": PAGE_SIZE,
+                "ffcv_version": version("ffcv"), "file_version": 2}
+    return ManifestDoc(
+        format=FORMAT, tool={"name": "mopro-fast", "version": __version__}, settings=asdict(settings),
+        source=str(src.resolve()),
+        fields={"jpg": "RGB JPEG", "cls": "label, ASCII", "lbl": "label, int32 LE",
+                "sid": "sample index in split, int32 LE", "json": "record metadata"},
+        index_format=f"DALI wds2idx {INDEX_VERSION}", num_classes=k,
+        classes=[{"id": i, "wnid": s.wnid, "name": s.name} for i, s in enumerate(synsets[:k])],
+        splits=summaries, formats=list(formats) if ffcv else None, ffcv=ffcv)

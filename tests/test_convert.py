@@ -240,3 +240,16 @@ def test_make_fixture_bad_options_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "full" / "mine.txt").write_text("keep")
     result = run_cli("make-fixture", tmp_path / "full")
     assert result.returncode == 2 and "not empty" in result.stderr
+
+
+def test_manifest_is_one_dataclass_both_ways(small_shards: Path) -> None:
+    """convert writes `ManifestDoc.to_json()`; read_manifest parses it back to the same document."""
+    from mopro_fast.data.manifest import ManifestDoc, SplitSummary, read_manifest
+
+    raw = json.loads((small_shards / "manifest.json").read_text())
+    doc = ManifestDoc.from_json(raw)
+    assert doc.to_json() == raw and read_manifest(small_shards).doc == doc
+    train = read_manifest(small_shards).split("train")
+    assert isinstance(train, SplitSummary) and train.num_written == raw["splits"]["train"]["num_written"]
+    assert train["shards"] == raw["splits"]["train"]["shards"] and train.get("beton") is None
+    assert sum(s.samples for s in train.shards) == train.num_written == sum(train.class_counts)
