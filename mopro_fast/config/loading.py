@@ -193,11 +193,14 @@ def _range_problem(bounds: Mapping[str, Any], value: Any) -> str | None:
 
 
 def validate_fields(cfg: Any) -> None:
-    """ConfigError for the first field outside its `spec` range (any root of sections)."""
+    """ConfigError for the first field outside its choices (a Literal type) or its `spec` range
+    (any root of sections; also catches values set in Python rather than loaded)."""
     for section in dataclasses.fields(cfg):
         sec = getattr(cfg, section.name)
         for f in dataclasses.fields(sec):
-            value = getattr(sec, f.name)
+            value, tp = getattr(sec, f.name), _hints(type(sec))[f.name]
+            if get_origin(tp) is Literal and value not in get_args(tp):
+                raise ConfigError(f"{section.name}.{f.name}: {value!r} is not one of {', '.join(get_args(tp))}")
             if not f.metadata:
                 continue
             for i, item in enumerate(value if isinstance(value, list) else [value]):
