@@ -41,6 +41,7 @@ from typing import Callable
 from data_tools import ffcv_stage, workers as pool
 from data_tools.accounting import SplitLost, check_kept, check_present, split_summary
 from data_tools.beton import FIELDS_DOC, PAGE_SIZE, BetonError, BetonSettings
+from data_tools.convert_config import DEFAULTS as _D, recipe_of, validate_convert
 from data_tools.imaging import ImageRejected, prepare_image
 from data_tools.outdir import (BETON_STATE, FORMAT, MANIFEST, WORK, check_sources, make_out, prepare_out,
                                remove_stale, unmake)
@@ -48,6 +49,7 @@ from data_tools.shards import INDEX_VERSION, Sample, atomic_write_bytes, atomic_
     sha256_file, write_tar
 from data_tools.webvision import (ListingError, Record, Split, effective_classes, list_imagenet_val, list_webvision,
                                   read_synsets)
+from mopro_fast.config import ConfigError
 from mopro_fast.manifest_doc import BetonEntry, ManifestDoc, SplitSummary
 from mopro_fast.progress import Progress
 from mopro_fast.safe_io import OutputError, describe, discard
@@ -62,29 +64,28 @@ class ConvertError(Exception):
 
 @dataclass(frozen=True)
 class ConvertSettings:
-    """Everything that decides the output bytes (the worker count does not)."""
+    """Everything that decides the output bytes (the worker count does not): the listing and
+    shards sections of a settings file, flat (data_tools/convert_config.py documents every field
+    and holds the defaults). Recorded as the manifest's "settings"."""
 
-    subset: str = "webvision"
-    classes: int | None = None
-    sources: tuple[str, ...] | None = None
-    val_dir: str = "val_images_256"
-    imagenet_val: str | None = None
-    imagenet_labels: str | None = None
-    max_side: int = 256
-    quality: int = 90
-    shard_size: int = 2000
-    max_pixels: int = 100_000_000
-    seed: int = 0
+    subset: str = _D.listing.subset
+    classes: int | None = _D.listing.classes
+    sources: tuple[str, ...] | None = _D.listing.sources
+    val_dir: str = _D.listing.val_dir
+    imagenet_val: str | None = _D.listing.imagenet_val
+    imagenet_labels: str | None = _D.listing.imagenet_labels
+    max_side: int = _D.shards.max_side
+    quality: int = _D.shards.quality
+    shard_size: int = _D.shards.shard_size
+    max_pixels: int = _D.shards.max_pixels
+    seed: int = _D.shards.seed
 
     def check(self) -> None:
-        if not 1 <= self.quality <= 100:
-            raise ConvertError(f"--quality must be in 1..100, got {self.quality}")
-        if self.max_side < 16:
-            raise ConvertError(f"--max-side must be at least 16 px, got {self.max_side}")
-        if self.shard_size < 1:
-            raise ConvertError(f"--shard-size must be at least 1 sample, got {self.shard_size}")
-        if self.max_pixels < 1:
-            raise ConvertError(f"--max-pixels must be positive, got {self.max_pixels}")
+        """ConvertError naming the first bad value (the settings file's rules, convert_config.py)."""
+        try:
+            validate_convert(recipe_of(self))
+        except ConfigError as exc:
+            raise ConvertError(str(exc)) from None
 
     def sources_of(self, src: Path) -> dict[str, Path]:
         """The inputs OUT must stay clear of, by the option that names them."""
