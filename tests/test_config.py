@@ -355,6 +355,9 @@ def test_choices_are_literal_types():
             for f in dataclasses.fields(cls):
                 assert "choices" not in f.metadata, f"{section}.{f.name}"
     assert get_origin(get_type_hints(LoaderConfig)["backend"]) is Literal
+    cfg = load_config(DEMO, [])  # a choice set in Python, not loaded, is checked too
+    with pytest.raises(ConfigError, match=r"^loader.backend: 'pil' is not one of torch, dali, ffcv, nvjpeg$"):
+        derive(replace(cfg, loader=replace(cfg.loader, backend="pil")), 1, 1200)
 
 
 # ---- round trip ---------------------------------------------------------------------------------
