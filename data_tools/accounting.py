@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from data_tools.webvision import Split
+from mopro_fast.manifest_doc import ShardEntry, SplitSummary
 
 HINTS = {"train": "check SRC and the paths in info/train_filelist_*.txt", "val": "check --val-dir",
          "imagenet-val": "check --imagenet-val and --imagenet-labels"}
@@ -50,14 +51,14 @@ def _exists(path: Path) -> bool:
     return True
 
 
-def check_kept(name: str, summary: dict, root: str) -> None:
+def check_kept(name: str, summary: SplitSummary, root: str) -> None:
     """Raise `SplitLost` if split `name` (its manifest entry `summary`) has listed records but wrote none."""
-    if summary["num_listed"] == 0 or summary["num_written"] > 0:
+    if summary.num_listed == 0 or summary.num_written > 0:
         return
-    reasons = dict(sorted(summary["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0])))
+    reasons = dict(sorted(summary.rejected_by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
     majority = next(iter(reasons))
-    first = next(r["path"] for r in summary["rejects"] if r["reason"] == majority)
-    raise SplitLost(_message(name, summary["num_listed"], reasons, str(Path(root) / first)))
+    first = next(r["path"] for r in summary.rejects if r["reason"] == majority)
+    raise SplitLost(_message(name, summary.num_listed, reasons, str(Path(root) / first)))
 
 
 def _message(name: str, listed: int, reasons: dict[str, int], first: str) -> str:
@@ -66,14 +67,15 @@ def _message(name: str, listed: int, reasons: dict[str, int], first: str) -> str
            f"{HINTS.get(name, 'check its listing')}"
 
 
-def split_summary(split: Split, states: list[dict], k: int) -> dict:
+def split_summary(split: Split, states: list[dict], k: int) -> SplitSummary:
     """The manifest entry of a split from the states of its shards (in plan order)."""
     shards, rejects, repaired = [], [], []
     class_counts = [0] * k
     source_counts: dict[str, int] = {}
     for state in states:
         if state["file"] is not None:
-            shards.append({k: state[k] for k in ("file", "index", "samples", "bytes", "sha256", "index_sha256")})
+            shards.append(ShardEntry(state["file"], state["index"], state["samples"], state["bytes"], state["sha256"],
+                                     state["index_sha256"]))
         rejects += state["rejects"]
         repaired += state["repaired"]
         for label, n in state["class_counts"].items():
@@ -84,14 +86,14 @@ def split_summary(split: Split, states: list[dict], k: int) -> dict:
                 for r in split.duplicates]
     rejects.sort(key=lambda r: r["index"])
     repaired.sort(key=lambda r: r["key"])
-    written = sum(s["samples"] for s in shards)
+    written = sum(s.samples for s in shards)
     if written + len(rejects) != split.num_listed:
         raise RuntimeError(f"accounting failed for split {split.name}: listed {split.num_listed} != "
                            f"written {written} + rejected {len(rejects)}")
     reasons: dict[str, int] = {}
     for r in rejects:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    return {"num_listed": split.num_listed, "num_written": written, "num_rejected": len(rejects),
-            "rejected_by_reason": dict(sorted(reasons.items())), "num_repaired": len(repaired),
-            "shards": shards, "class_counts": class_counts, "source_counts": dict(sorted(source_counts.items())),
-            "rejects": rejects, "repaired": repaired}
+    return SplitSummary(num_listed=split.num_listed, num_written=written, num_rejected=len(rejects),
+                        rejected_by_reason=dict(sorted(reasons.items())), num_repaired=len(repaired), shards=shards,
+                        class_counts=class_counts, source_counts=dict(sorted(source_counts.items())),
+                        rejects=rejects, repaired=repaired)

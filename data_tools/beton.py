@@ -36,9 +36,10 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from data_tools.convert_config import DEFAULTS as _D, recipe_of, validate_convert
+from mopro_fast.config import ConfigError
 from mopro_fast.safe_io import OutputError, describe, discard, temp_name
 
-WRITE_MODES = ("proportion", "jpg", "raw")
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's DatasetWriter default (4 x its 2 MiB minimum)
 FIELDS_DOC = {"image": "RGBImageField: JPEG (mode 0) or raw uint8 H x W x 3 (mode 1), width, height",
               "label": "IntField: web label", "index": "IntField: sample index in split (the shards' sid)"}
@@ -51,22 +52,22 @@ class BetonError(Exception):
 
 @dataclass(frozen=True)
 class BetonSettings:
-    """FFCV write options; FFCV-style defaults (ffcv-imagenet writes proportion / 0.5 / 90)."""
+    """FFCV write options: the ffcv section of a convert settings file (data_tools/convert_config.py
+    documents them and holds the defaults; FFCV-style: ffcv-imagenet writes proportion / 0.5 / 90)."""
 
-    write_mode: str = "proportion"
-    max_resolution: int = 0  # 0 = the shards' images as they are
-    jpeg_quality: int = 90
-    compress_probability: float = 0.5
+    write_mode: str = _D.ffcv.write_mode
+    max_resolution: int = _D.ffcv.max_resolution  # 0 = the shards' images as they are
+    jpeg_quality: int = _D.ffcv.jpeg_quality
+    compress_probability: float = _D.ffcv.compress_probability
 
     def check(self) -> None:
-        if self.write_mode not in WRITE_MODES:
-            raise BetonError(f"--ffcv-write-mode must be one of {', '.join(WRITE_MODES)}, got {self.write_mode!r}")
-        if self.max_resolution != 0 and self.max_resolution < 16:
-            raise BetonError(f"--ffcv-max-resolution must be 0 (off) or at least 16 px, got {self.max_resolution}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise BetonError(f"--ffcv-jpeg-quality must be in 1..100, got {self.jpeg_quality}")
-        if not 0 <= self.compress_probability <= 1:
-            raise BetonError(f"--ffcv-compress-probability must be in [0, 1], got {self.compress_probability}")
+        """BetonError naming the first bad value (the settings file's rules, convert_config.py)."""
+        from data_tools.convert import ConvertSettings
+
+        try:
+            validate_convert(recipe_of(ConvertSettings(), self))
+        except ConfigError as exc:
+            raise BetonError(str(exc)) from None
 
 
 def require_ffcv() -> None:

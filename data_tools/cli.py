@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Iterator
 
 import click
+from click.core import ParameterSource
+
+from data_tools.convert_config import DEFAULTS as D, OPTIONS, ConvertRecipe, load_convert_config
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -78,27 +81,31 @@ PROGRESS_HELP = ("Without a terminal (logs, nohup, SLURM), print one plain progr
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--subset", type=click.Choice(["webvision", "mini"]), default="webvision", show_default=True,
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Settings file (YAML; sections shards, listing, ffcv, run; e.g. recipes/convert_webvision.yaml). "
+                   "Every option below overrides its key of the file; without the file, the defaults shown.")
+@click.option("--subset", type=click.Choice(["webvision", "mini"]), default=D.listing.subset, show_default=True,
               help="webvision: all classes, google+flickr. mini: mini-WebVision (google only, classes 0-49).")
 @click.option("--classes", type=click.IntRange(1), default=None,
               help="Keep only classes 0..N-1 (after --subset).")
 @click.option("--sources", default=None, metavar="LIST",
               help="Comma-separated training sources to keep, e.g. google or google,flickr.")
-@click.option("--val-dir", default="val_images_256", show_default=True,
+@click.option("--val-dir", default=D.listing.val_dir, show_default=True,
               help="Folder under SRC holding the files of info/val_filelist.txt.")
 @click.option("--imagenet-val", type=click.Path(path_type=Path), default=None,
               help="ImageNet val folder (one sub-folder per wnid, or flat with --imagenet-labels); "
                    "adds the imagenet-val split.")
 @click.option("--imagenet-labels", type=click.Path(path_type=Path), default=None,
               help="Labels file for a flat ImageNet val folder: '<file> <class id or wnid>' per line.")
-@click.option("--max-side", default=256, show_default=True, type=int,
+@click.option("--max-side", default=D.shards.max_side, show_default=True, type=int,
               help="Resize so the shorter side is at most this many pixels (never upscales).")
-@click.option("--quality", default=90, show_default=True, type=int, help="JPEG quality of re-encoded images.")
-@click.option("--shard-size", default=2000, show_default=True, type=int,
+@click.option("--quality", default=D.shards.quality, show_default=True, type=int,
+              help="JPEG quality of re-encoded images.")
+@click.option("--shard-size", default=D.shards.shard_size, show_default=True, type=int,
               help="Samples per shard (about 40 MB at 256 px); use a few shards per loader worker and rank.")
-@click.option("--max-pixels", default=100_000_000, show_default=True, type=int,
+@click.option("--max-pixels", default=D.shards.max_pixels, show_default=True, type=int,
               help="Reject images with more pixels than this, from the header, before decoding.")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=D.shards.seed, show_default=True, type=int,
               help="Seed of the one-time shuffle of the training records across shards.")
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Processes converting shards in parallel [default: all cores]. Output does not depend on it.")
@@ -106,26 +113,23 @@ PROGRESS_HELP = ("Without a terminal (logs, nohup, SLURM), print one plain progr
               help="Clear OUT first if it holds a mopro-fast conversion made with other settings. Only an earlier "
                    "mopro-fast output (its manifest.json or .state/ stamp) is ever cleared; any other content is "
                    "refused, --overwrite or not.")
-@click.option("--progress-seconds", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
-              help=PROGRESS_HELP)
-@click.option("--format", "fmt", type=click.Choice(["wds", "ffcv", "both"]), default="wds", show_default=True,
+@click.option("--progress-seconds", default=D.run.progress_seconds, show_default=True, type=click.FloatRange(min=0),
+              metavar="S", help=PROGRESS_HELP)
+@click.option("--format", "fmt", type=click.Choice(["wds", "ffcv", "both"]), default=D.run.format, show_default=True,
               help="wds: WebDataset shards (torch, dali backends). ffcv: one FFCV .beton per split, OUT/<split>.beton "
                    "(ffcv backend; needs the ffcv extra). both: shards and .beton, same records and images.")
-@click.option("--ffcv-write-mode", type=click.Choice(["proportion", "jpg", "raw"]), default="proportion",
+@click.option("--ffcv-write-mode", type=click.Choice(["proportion", "jpg", "raw"]), default=D.ffcv.write_mode,
               show_default=True, help="How the .beton stores each image. jpg: the shard's JPEG bytes; raw: decoded "
                                       "RGB pixels (larger, no decode when loading); proportion: JPEG with probability "
                                       "--ffcv-compress-probability, else raw.")
-@click.option("--ffcv-max-resolution", default=0, show_default=True, type=int,
+@click.option("--ffcv-max-resolution", default=D.ffcv.max_resolution, show_default=True, type=int,
               help="Also bound the longer side in the .beton (px); 0 = the shards' images unchanged.")
-@click.option("--ffcv-jpeg-quality", default=90, show_default=True, type=int,
+@click.option("--ffcv-jpeg-quality", default=D.ffcv.jpeg_quality, show_default=True, type=int,
               help="JPEG quality of images that --ffcv-max-resolution resized (others keep the shard's JPEG bytes).")
-@click.option("--ffcv-compress-probability", default=0.5, show_default=True, type=float,
+@click.option("--ffcv-compress-probability", default=D.ffcv.compress_probability, show_default=True, type=float,
               help="proportion mode: share of images stored as JPEG (seeded per sample, so reproducible).")
-def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str | None, val_dir: str,
-            imagenet_val: Path | None, imagenet_labels: Path | None, max_side: int, quality: int,
-            shard_size: int, max_pixels: int, seed: int, workers: int | None, overwrite: bool,
-            progress_seconds: float, fmt: str, ffcv_write_mode: str, ffcv_max_resolution: int,
-            ffcv_jpeg_quality: int, ffcv_compress_probability: float) -> None:
+@click.pass_context
+def convert(ctx: click.Context, src: Path, out: Path, config_file: Path | None, overwrite: bool, **options) -> None:
     """Convert a WebVision-1.0 folder SRC into WebDataset shards (or FFCV .beton files) under OUT.
 
     Writes OUT/<split>/<split>-NNNNNN.tar with a DALI index (.idx) beside each, for the splits
@@ -134,6 +138,10 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
     With --format ffcv or both, OUT/<split>.beton holds the same records and images (fields image,
     label, index). Re-running the same command after an interruption finishes the job and reuses
     complete shards and .beton files; a shard whose input files changed (size or mtime) is redone.
+
+    The settings can come from a YAML file, --config FILE, with sections shards, listing, ffcv and
+    run (recipes/convert_webvision.yaml; keys in data_tools/convert_config.py); an option given on
+    the command line overrides its key of the file. --overwrite is never read from the file.
 
     \b
     Safety: nothing outside OUT is ever written or deleted.
@@ -144,23 +152,16 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
       - A full disk, or a split of which every record is rejected (e.g. a wrong --val-dir), ends in
         one line and exit code 2 with no manifest.json written; the same command resumes later.
     """
-    from data_tools.beton import BetonSettings
-    from data_tools.convert import ConvertError, ConvertSettings, convert as run
+    from data_tools.convert import ConvertError, convert as run
 
-    source_list = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None
-    settings = ConvertSettings(subset=subset, classes=classes, sources=source_list, val_dir=val_dir,
-                               imagenet_val=str(imagenet_val) if imagenet_val else None,
-                               imagenet_labels=str(imagenet_labels) if imagenet_labels else None,
-                               max_side=max_side, quality=quality, shard_size=shard_size,
-                               max_pixels=max_pixels, seed=seed)
+    recipe = _convert_settings(ctx, config_file, options)
     if not src.exists():
         fail(f"{src}: no such directory; pass the WebVision root (the folder holding info/)")
     with _sigterm_as_interrupt() as terminated:
         try:
-            manifest = run(src, out, settings, workers=workers or os.cpu_count(), overwrite=overwrite,
-                           progress=True, progress_seconds=progress_seconds, fmt=fmt,
-                           beton=BetonSettings(ffcv_write_mode, ffcv_max_resolution, ffcv_jpeg_quality,
-                                               ffcv_compress_probability))
+            manifest = run(src, out, recipe.settings(), workers=recipe.run.workers or os.cpu_count(),
+                           overwrite=overwrite, progress=True, progress_seconds=recipe.run.progress_seconds,
+                           fmt=recipe.run.format, beton=recipe.beton())
         except ConvertError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
@@ -176,6 +177,28 @@ def convert(src: Path, out: Path, subset: str, classes: int | None, sources: str
         click.echo(f"{name}: {split['num_written']}/{split['num_listed']} written in {where}, "
                    f"{split['num_repaired']} repaired, rejected: {reasons}")
     click.echo(f"manifest: {out / 'manifest.json'}")
+
+
+def _convert_settings(ctx: click.Context, config_file: Path | None, options: dict) -> ConvertRecipe:
+    """The settings file (or the defaults) with every option given on the command line on top;
+    a bad file or value exits 2 with one line naming the key (and the option that set it)."""
+    from mopro_fast.config import ConfigError
+
+    given, layers = {}, []
+    for name, value in options.items():
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            continue
+        if name == "sources" and value is not None:
+            value = [s.strip() for s in value.split(",") if s.strip()] or None
+        section, key = OPTIONS[name]
+        flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+        given[f"{section}.{key}"] = flag
+        layers.append(({section: {key: str(value) if isinstance(value, Path) else value}}, f"from option {flag}"))
+    try:
+        return load_convert_config(config_file, layers)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        fail(f"{exc}" + (f" (set by {given[key]})" if key in given and given[key] not in str(exc) else ""))
 
 
 @contextmanager

@@ -34,13 +34,14 @@ import random
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from data_tools import ffcv_stage, workers as pool
 from data_tools.accounting import SplitLost, check_kept, check_present, split_summary
 from data_tools.beton import FIELDS_DOC, PAGE_SIZE, BetonError, BetonSettings
+from data_tools.convert_config import DEFAULTS as _D, recipe_of, validate_convert
 from data_tools.imaging import ImageRejected, prepare_image
 from data_tools.outdir import (BETON_STATE, FORMAT, MANIFEST, WORK, check_sources, make_out, prepare_out,
                                remove_stale, unmake)
@@ -48,6 +49,8 @@ from data_tools.shards import INDEX_VERSION, Sample, atomic_write_bytes, atomic_
     sha256_file, write_tar
 from data_tools.webvision import (ListingError, Record, Split, effective_classes, list_imagenet_val, list_webvision,
                                   read_synsets)
+from mopro_fast.config import ConfigError
+from mopro_fast.manifest_doc import BetonEntry, ManifestDoc, SplitSummary
 from mopro_fast.progress import Progress
 from mopro_fast.safe_io import OutputError, describe, discard
 
@@ -61,29 +64,28 @@ class ConvertError(Exception):
 
 @dataclass(frozen=True)
 class ConvertSettings:
-    """Everything that decides the output bytes (the worker count does not)."""
+    """Everything that decides the output bytes (the worker count does not): the listing and
+    shards sections of a settings file, flat (data_tools/convert_config.py documents every field
+    and holds the defaults). Recorded as the manifest's "settings"."""
 
-    subset: str = "webvision"
-    classes: int | None = None
-    sources: tuple[str, ...] | None = None
-    val_dir: str = "val_images_256"
-    imagenet_val: str | None = None
-    imagenet_labels: str | None = None
-    max_side: int = 256
-    quality: int = 90
-    shard_size: int = 2000
-    max_pixels: int = 100_000_000
-    seed: int = 0
+    subset: str = _D.listing.subset
+    classes: int | None = _D.listing.classes
+    sources: tuple[str, ...] | None = _D.listing.sources
+    val_dir: str = _D.listing.val_dir
+    imagenet_val: str | None = _D.listing.imagenet_val
+    imagenet_labels: str | None = _D.listing.imagenet_labels
+    max_side: int = _D.shards.max_side
+    quality: int = _D.shards.quality
+    shard_size: int = _D.shards.shard_size
+    max_pixels: int = _D.shards.max_pixels
+    seed: int = _D.shards.seed
 
     def check(self) -> None:
-        if not 1 <= self.quality <= 100:
-            raise ConvertError(f"--quality must be in 1..100, got {self.quality}")
-        if self.max_side < 16:
-            raise ConvertError(f"--max-side must be at least 16 px, got {self.max_side}")
-        if self.shard_size < 1:
-            raise ConvertError(f"--shard-size must be at least 1 sample, got {self.shard_size}")
-        if self.max_pixels < 1:
-            raise ConvertError(f"--max-pixels must be positive, got {self.max_pixels}")
+        """ConvertError naming the first bad value (the settings file's rules, convert_config.py)."""
+        try:
+            validate_convert(recipe_of(self))
+        except ConfigError as exc:
+            raise ConvertError(str(exc)) from None
 
     def sources_of(self, src: Path) -> dict[str, Path]:
         """The inputs OUT must stay clear of, by the option that names them."""
@@ -369,38 +371,33 @@ def _convert(src: Path, out: Path, settings: ConvertSettings, workers: int, over
     for name in splits:
         if "ffcv" in formats:
             done = [(t, states[t.name]) for t in tasks if t.split == name]
-            summaries[name]["beton"] = ffcv_stage.write_split(out, name, done, beton, settings.seed, progress, every_s)
+            entry = ffcv_stage.write_split(out, name, done, beton, settings.seed, progress, every_s)
+            summaries[name] = replace(summaries[name], beton=BetonEntry(**entry))
         if "wds" not in formats:
-            summaries[name]["shards"] = []  # work files, gone
+            summaries[name] = replace(summaries[name], shards=[])  # work files, gone
     if formats == ("ffcv",):
         shutil.rmtree(out / WORK, ignore_errors=True)
-    manifest = _manifest(src, settings, synsets, formats, beton, summaries)
+    manifest = _manifest(src, settings, synsets, formats, beton, summaries).to_json()
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
 def _manifest(src: Path, settings: ConvertSettings, synsets: list, formats: tuple[str, ...], beton: BetonSettings,
-              summaries: dict[str, dict]) -> dict:
+              summaries: dict[str, SplitSummary]) -> ManifestDoc:
     from mopro_fast import __version__  # light: the package's __init__ imports nothing heavy
 
     k = num_classes(settings, synsets)
-    manifest = {
-        "format": FORMAT,
-        "tool": {"name": "mopro-fast", "version": __version__},
-        "settings": asdict(settings),
-        "source": str(src.resolve()),
-        "fields": {"jpg": "RGB JPEG", "cls": "label, ASCII", "lbl": "label, int32 LE",
-                   "sid": "sample index in split, int32 LE", "json": "record metadata"},
-        "index_format": f"DALI wds2idx {INDEX_VERSION}",
-        "num_classes": k,
-        "classes": [{"id": i, "wnid": s.wnid, "name": s.name} for i, s in enumerate(synsets[:k])],
-        "splits": {},
-    }
+    ffcv = None
     if formats != ("wds",):  # (a wds-only manifest stays byte-identical to earlier versions)
         from importlib.metadata import version
 
-        manifest["formats"] = list(formats)
-        manifest["ffcv"] = {"settings": asdict(beton), "fields": FIELDS_DOC, "page_size": PAGE_SIZE,
-                            "ffcv_version": version("ffcv"), "file_version": 2}
-    manifest["splits"] = summaries
-    return manifest
+        ffcv = {"settings": asdict(beton), "fields": FIELDS_DOC, "page_size": PAGE_SIZE,
+                "ffcv_version": version("ffcv"), "file_version": 2}
+    return ManifestDoc(
+        format=FORMAT, tool={"name": "mopro-fast", "version": __version__}, settings=asdict(settings),
+        source=str(src.resolve()),
+        fields={"jpg": "RGB JPEG", "cls": "label, ASCII", "lbl": "label, int32 LE",
+                "sid": "sample index in split, int32 LE", "json": "record metadata"},
+        index_format=f"DALI wds2idx {INDEX_VERSION}", num_classes=k,
+        classes=[{"id": i, "wnid": s.wnid, "name": s.name} for i, s in enumerate(synsets[:k])],
+        splits=summaries, formats=list(formats) if ffcv else None, ffcv=ffcv)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from mopro_fast.config import (Config, ConfigError, DataConfig, MoproConfig, OptimConfig, RunConfig, ScheduleConfig,
-                               derive, format_config_error, load_config, lr_at, mopro_switches)
+from mopro_fast.config import (Config, ConfigError, DataConfig, LoaderConfig, MoproConfig, OptimConfig, RunConfig,
+                               ScheduleConfig, derive, format_config_error, load_config, lr_at, mopro_switches,
+                               resolution_at)
 
 RECIPES = sorted(p for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")
-                 if p.name != "crt.yaml")  # training recipes; crt.yaml is tested in tests/test_after_training.py
+                 if p.name != "crt.yaml" and not p.name.startswith("convert_"))
+# training recipes; crt.yaml is tested in tests/test_after_training.py, convert_*.yaml in tests/test_convert.py
 DEMO = next(p for p in RECIPES if p.name == "demo_cpu.yaml")
 RN50_8 = next(p for p in RECIPES if p.name == "rn50_8gpu.yaml")
 RN50_1 = next(p for p in RECIPES if p.name == "rn50_1gpu.yaml")
@@ -174,6 +176,13 @@ def test_wrong_type_in_file(tmp_path):
     (["run.eval_every=0"], "run.eval_every: must be >= 1"),
     (["data.num_classes=0"], "data.num_classes: must be >= 1"),
     (["data.shards=''"], "data.shards: missing"),
+    (["loader.min_resolution=0"], "loader.min_resolution: must be >= 1"),
+    (["loader.resolution=64", "loader.min_resolution=96", "loader.ramp_end_epoch=5"],
+     "loader.min_resolution: 96 is larger than loader.resolution (64)"),
+    (["loader.ramp_start_epoch=5", "loader.ramp_end_epoch=3"], "loader.ramp_end_epoch: 3 must be in"),
+    (["schedule.epochs=40", "loader.ramp_end_epoch=41"], "loader.ramp_end_epoch: 41 must be in"),
+    (["loader.min_resolution=32"], "loader.ramp_end_epoch: with loader.min_resolution set, must be >"),
+    (["loader.resolution_step=0"], "loader.resolution_step: must be >= 1"),
 ])
 def test_impossible_values(overrides, start):
     assert error(DEMO, overrides).startswith(start)
@@ -292,6 +301,65 @@ def test_mopro_switches_at_boundaries():
     assert mopro_switches(off, 50) == (False, False)
 
 
+# ---- resolution schedule ------------------------------------------------------------------------
+
+def test_resolution_is_constant_by_default():
+    loader = load_config(RN50_8, []).loader
+    assert loader.min_resolution is None
+    assert {resolution_at(loader, e) for e in range(0, 90)} == {224}
+    for recipe in RECIPES:  # every recipe keeps its constant crop size
+        cfg = load_config(recipe, [])
+        assert resolution_at(cfg.loader, 0) == resolution_at(cfg.loader, cfg.schedule.epochs - 1) == cfg.loader.resolution
+
+
+def test_progressive_resolution_like_ffcv_imagenet():
+    # ffcv-imagenet style: 160 -> 192 px over epochs 10..76, multiples of 32
+    loader = LoaderConfig(resolution=192, min_resolution=160, ramp_start_epoch=10, ramp_end_epoch=76)
+    sides = [resolution_at(loader, e) for e in range(90)]
+    assert sides[0] == sides[10] == 160 and sides[76] == sides[89] == 192
+    assert sides[42] == 160 and sides[43] == 192  # halfway (epoch 43) rounds up to the next multiple of 32
+    assert all(a <= b for a, b in zip(sides, sides[1:]))
+    assert set(sides) == {160, 192}
+
+
+def test_progressive_resolution_rounding_and_bounds():
+    loader = LoaderConfig(resolution=224, min_resolution=100, ramp_start_epoch=0, ramp_end_epoch=10, resolution_step=16)
+    sides = [resolution_at(loader, e) for e in range(12)]
+    assert sides[0] == 100 and sides[10] == sides[11] == 224
+    assert all(s % 16 == 0 for s in sides[1:10]) and all(100 <= s <= 224 for s in sides)
+    assert sides[5] == 160  # 100 + 0.5 * 124 = 162 -> 160
+    assert all(a <= b for a, b in zip(sides, sides[1:]))
+    odd = LoaderConfig(resolution=200, min_resolution=170, ramp_start_epoch=0, ramp_end_epoch=4, resolution_step=128)
+    assert [resolution_at(odd, e) for e in range(5)] == [170, 170, 170, 200, 200]  # 128 and 256 clamped to [min, max]
+    jump = LoaderConfig(resolution=128, min_resolution=64, ramp_start_epoch=3, ramp_end_epoch=4)
+    assert [resolution_at(jump, e) for e in range(6)] == [64, 64, 64, 64, 128, 128]
+    with pytest.raises(ValueError):
+        resolution_at(loader, -1)
+
+
+def test_progressive_resolution_from_a_recipe():
+    cfg = load_config(DEMO, ["loader.min_resolution=32", "loader.ramp_start_epoch=2", "loader.ramp_end_epoch=20",
+                             "loader.resolution_step=16"])
+    assert [resolution_at(cfg.loader, e) for e in (0, 2, 11, 20, 39)] == [32, 32, 48, 64, 64]
+
+
+def test_choices_are_literal_types():
+    """A choice is expressed once, as a Literal type: no choices in field metadata."""
+    import dataclasses
+    from typing import Literal, get_origin, get_type_hints
+
+    from mopro_fast.config import CrtRecipe
+
+    for root in (Config, CrtRecipe):
+        for section, cls in get_type_hints(root).items():
+            for f in dataclasses.fields(cls):
+                assert "choices" not in f.metadata, f"{section}.{f.name}"
+    assert get_origin(get_type_hints(LoaderConfig)["backend"]) is Literal
+    cfg = load_config(DEMO, [])  # a choice set in Python, not loaded, is checked too
+    with pytest.raises(ConfigError, match=r"^loader.backend: 'pil' is not one of torch, dali, ffcv, nvjpeg$"):
+        derive(replace(cfg, loader=replace(cfg.loader, backend="pil")), 1, 1200)
+
+
 # ---- round trip ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -306,13 +374,15 @@ def test_resolved_config_round_trips(recipe, tmp_path):
 
 
 def unread_keys(skip: tuple[str, ...] = ()) -> list[str]:
-    """Config keys that no code reads: not as `.section.key` in the package (config.py aside), nor in
-    config.py's derive/lr_at/mopro_switches, which turn keys into derived values."""
+    """Config keys that no code reads: not as `.section.key` in the package (the config package
+    aside, where validation reads every key), nor in config/derive.py or config/schedules.py, which
+    turn keys into derived values and schedules."""
     import dataclasses
 
     package = Path(__file__).resolve().parents[1] / "mopro_fast"
-    code = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name not in ("config.py", *skip))
-    derived_code = (package / "config.py").read_text().split("def derive", 1)[1]
+    config = package / "config"
+    code = "\n".join(p.read_text() for p in package.rglob("*.py") if config not in p.parents and p.name not in skip)
+    derived_code = "\n".join((config / name).read_text() for name in ("derive.py", "schedules.py"))
     cfg = load_config(DEMO, [])
     unread = []
     for section in dataclasses.fields(cfg):

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 from PIL import Image
 
 from data_tools.convert import ConvertSettings, convert
@@ -240,3 +242,79 @@ def test_make_fixture_bad_options_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "full" / "mine.txt").write_text("keep")
     result = run_cli("make-fixture", tmp_path / "full")
     assert result.returncode == 2 and "not empty" in result.stderr
+
+
+def test_manifest_is_one_dataclass_both_ways(small_shards: Path) -> None:
+    """convert writes `ManifestDoc.to_json()`; read_manifest parses it back to the same document."""
+    from mopro_fast.data.manifest import ManifestDoc, SplitSummary, read_manifest
+
+    raw = json.loads((small_shards / "manifest.json").read_text())
+    doc = ManifestDoc.from_json(raw)
+    assert doc.to_json() == raw and read_manifest(small_shards).doc == doc
+    train = read_manifest(small_shards).split("train")
+    assert isinstance(train, SplitSummary) and train.num_written == raw["splits"]["train"]["num_written"]
+    assert train["shards"] == raw["splits"]["train"]["shards"] and train.get("beton") is None
+    assert sum(s.samples for s in train.shards) == train.num_written == sum(train.class_counts)
+
+
+# ---- settings file (--config) --------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_settings_sections_hold_the_defaults_and_the_example_loads() -> None:
+    from data_tools.beton import BetonSettings
+    from data_tools.convert_config import ConvertRecipe, load_convert_config
+
+    assert ConvertRecipe().settings() == ConvertSettings() and ConvertRecipe().beton() == BetonSettings()
+    example = REPO / "recipes" / "convert_webvision.yaml"
+    assert example.read_text().startswith("#")
+    recipe = load_convert_config(example)
+    assert recipe.settings() == ConvertSettings(imagenet_val="/data/imagenet/val")
+    assert recipe.beton() == BetonSettings() and recipe.run.format == "both" and recipe.run.workers is None
+    resolved = yaml.safe_load(recipe.to_yaml())  # the resolved settings read back to the same
+    assert load_convert_config(None, [(resolved, "in resolved")]) == recipe
+
+
+def test_settings_file_errors_are_the_recipe_loader_s(tmp_path: Path) -> None:
+    from data_tools.convert_config import load_convert_config
+    from mopro_fast.config import ConfigError
+
+    cases = {"shards:\n  qualty: 80\n": "shards.qualty: unknown key in {p}; did you mean shards.quality?",
+             "shards:\n  workers: 2\n": "shards.workers: unknown key in {p}; did you mean run.workers?",
+             "listng:\n  subset: mini\n": "listng: unknown section in {p}; did you mean listing?",
+             "shards:\n  shard_size: '50'\n": "shards.shard_size: expected an integer, got str '50' in {p}",
+             "listing:\n  subset: full\n": "listing.subset: 'full' is not one of webvision, mini in {p}",
+             "run:\n  format: tar\n": "run.format: 'tar' is not one of wds, ffcv, both in {p}",
+             "shards:\n  quality: 101\n": "shards.quality: must be in [1, 100], got 101",
+             "ffcv:\n  max_resolution: 8\n": "ffcv.max_resolution: must be 0 (off) or at least 16 px, got 8",
+             "listing:\n  sources: []\n": "listing.sources: names no source; null keeps them all"}
+    for text, message in cases.items():
+        path = tmp_path / "convert.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_convert_config(path)
+        assert str(info.value) == message.format(p=path)
+
+
+def test_cli_settings_file_with_options_on_top(small_fixture: Path, tmp_path: Path) -> None:
+    settings = tmp_path / "convert.yaml"
+    settings.write_text("shards:\n  shard_size: 60\n  quality: 80\nlisting:\n  sources: [google]\nrun:\n  workers: 2\n")
+    result = run_cli("convert", small_fixture, tmp_path / "cli", "--config", settings, "--quality", "85",
+                     "--workers", "1", "--progress-seconds", "0")
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads((tmp_path / "cli" / "manifest.json").read_text())["settings"]
+    assert (recorded["shard_size"], recorded["quality"], recorded["sources"]) == (60, 85, ["google"])
+    convert(small_fixture, tmp_path / "api", ConvertSettings(shard_size=60, quality=85, sources=("google",)),
+            workers=2, progress=False)
+    assert _tree_bytes(tmp_path / "cli") == _tree_bytes(tmp_path / "api")  # the same settings, the same bytes
+
+    bad = run_cli("convert", small_fixture, tmp_path / "bad", "--config", settings, "--max-side", "8")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert bad.stderr == "error: shards.max_side: must be >= 16, got 8 (set by --max-side)\n"
+    settings.write_text("shards:\n  shard_sise: 60\n")
+    typo = run_cli("convert", small_fixture, tmp_path / "bad", "--config", settings)
+    assert typo.returncode == 2 and "did you mean shards.shard_size?" in typo.stderr and typo.stderr.count("\n") == 1
+    missing = run_cli("convert", small_fixture, tmp_path / "bad", "--config", tmp_path / "nope.yaml")
+    assert missing.returncode == 2 and "nope.yaml: recipe file not found" in missing.stderr
+    assert not (tmp_path / "bad").exists()

@@ -1,4 +1,5 @@
-"""Read `OUT/manifest.json`, as written by `mopro-fast convert` (data_tools/convert.py).
+"""Read `OUT/manifest.json`, as written by `mopro-fast convert` (data_tools/convert.py); its
+structure, `ManifestDoc`, is defined once in mopro_fast/manifest_doc.py for both sides.
 
 Only what the loaders need: the class count, and per split its shard files (with their sample
 counts, so the loaders can plan who reads what without opening a tar) and its sample total.
@@ -14,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mopro_fast.data.errors import check_size
+from mopro_fast.manifest_doc import BetonEntry, ManifestDoc, ShardEntry, SplitSummary
+
+__all__ = ["MANIFEST", "BetonEntry", "Manifest", "ManifestDoc", "ManifestError", "ShardEntry", "ShardInfo",
+           "SplitSummary", "read_manifest"]
 
 MANIFEST = "manifest.json"
 
@@ -31,11 +36,18 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
-    num_classes: int
-    splits: dict[str, dict]  # split name -> the manifest's raw summary of that split
+    root: Path  # the folder holding manifest.json
+    doc: ManifestDoc
 
-    def split(self, name: str) -> dict:
+    @property
+    def num_classes(self) -> int:
+        return self.doc.num_classes
+
+    @property
+    def splits(self) -> dict[str, SplitSummary]:
+        return self.doc.splits
+
+    def split(self, name: str) -> SplitSummary:
         try:
             return self.splits[name]
         except KeyError:
@@ -44,18 +56,18 @@ class Manifest:
 
     def num_written(self, name: str) -> int:
         """Samples of split `name` that made it into shards."""
-        return int(self.split(name)["num_written"])
+        return self.split(name).num_written
 
     def shards(self, name: str, check_files: bool = True) -> list[ShardInfo]:
         """The shards of split `name`, in manifest order (the order convert wrote them)."""
         info = self.split(name)
-        if not info["shards"] and int(info["num_written"]) and "beton" in info:
+        if not info.shards and info.num_written and info.beton is not None:
             raise ManifestError(f"{self.root} holds FFCV .beton files only (convert --format ffcv): use "
                                 f"loader.backend=ffcv, or convert with --format both for the other backends")
-        shards = [ShardInfo(self.root / s["file"], int(s["samples"]), s.get("bytes")) for s in info["shards"]]
-        if sum(s.samples for s in shards) != int(info["num_written"]):
+        shards = [ShardInfo(self.root / s.file, s.samples, s.bytes) for s in info.shards]
+        if sum(s.samples for s in shards) != info.num_written:
             raise ManifestError(f"{self.root / MANIFEST}: split {name!r} lists shards with "
-                                f"{sum(s.samples for s in shards)} samples but num_written is {info['num_written']}")
+                                f"{sum(s.samples for s in shards)} samples but num_written is {info.num_written}")
         if check_files:
             for shard in shards:
                 if not shard.path.is_file():
@@ -79,6 +91,6 @@ def read_manifest(root: Path | str) -> Manifest:
     except (OSError, ValueError) as exc:
         raise ManifestError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     try:
-        return Manifest(root, int(raw["num_classes"]), dict(raw["splits"]))
-    except (KeyError, TypeError, ValueError) as exc:
+        return Manifest(root, ManifestDoc.from_json(raw))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{path} is not a mopro-fast manifest (missing or bad key {exc})") from None
