@@ -26,6 +26,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from mopro_fast.data.options import DALI_DECODE, DaliOptions
+
 
 class ConfigError(ValueError):
     """A bad recipe or override; the message is one line: `dotted.key: problem`."""
@@ -132,7 +134,7 @@ class LoaderConfig:
     batch_size: int = spec(32, ge=1)
     """Images per rank per step (global batch = batch_size x world size)."""
     workers: int = spec(8, ge=0)
-    """Loader worker processes (torch) or decoding threads (dali) per rank."""
+    """Parallel readers/decoders per rank: processes (torch, nvjpeg; 0 = main process) or threads (dali, ffcv)."""
     resolution: int = spec(224, ge=1)
     """Side of the training crops (px)."""
     eval_resolution: int = spec(224, ge=1)
@@ -142,9 +144,9 @@ class LoaderConfig:
     shuffle_buffer: int = spec(5000, ge=0)
     """Shuffle buffer in samples, every backend (DALI: the reader's initial_fill); 0 = shard order only."""
     prefetch: int = spec(2, ge=1)
-    """Batches prepared ahead per worker / pipeline."""
-    hw_decoder_load: float = spec(0.65, ge=0, le=1)
-    """GPU-decoding backends (DALI on CUDA): share of JPEG decoding sent to the hardware decoder."""
+    """Batches prepared ahead per rank (all of its workers together)."""
+    dali: DaliOptions = field(default_factory=DaliOptions)
+    """Options only the dali backend reads (mopro_fast.data.options): hw_decoder_load, decode."""
 
 
 @dataclass
@@ -247,7 +249,8 @@ class CrtRecipe:
         return dataclasses.asdict(self)
 
 
-_HINTS = {cls: get_type_hints(cls) for cls in [Config, *get_type_hints(Config).values(), CrtRecipe, CrtConfig]}
+_HINTS = {cls: get_type_hints(cls) for cls in [Config, *get_type_hints(Config).values(), CrtRecipe, CrtConfig,
+                                               DaliOptions]}
 
 def load_config(recipe_path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Recipe file, then `section.key=value` overrides in order; checked and validated."""
@@ -423,6 +426,8 @@ def validate(cfg: Config) -> None:
          f"{m.start_clean_epoch} is beyond schedule.epochs ({s.epochs})"),
         ("loader.eval_resolution", ld.eval_resolution <= ld.eval_resize,
          f"{ld.eval_resolution} is larger than loader.eval_resize ({ld.eval_resize})"),
+        ("loader.dali.hw_decoder_load", 0 <= ld.dali.hw_decoder_load <= 1, f"must be in [0, 1], got {ld.dali.hw_decoder_load}"),
+        ("loader.dali.decode", ld.dali.decode in DALI_DECODE, f"{ld.dali.decode!r} is not one of {', '.join(DALI_DECODE)}"),
     ]
     for key, ok, problem in checks:
         if not ok:
