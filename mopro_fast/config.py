@@ -426,8 +426,10 @@ def validate(cfg: Config) -> None:
          f"{m.start_clean_epoch} is beyond schedule.epochs ({s.epochs})"),
         ("loader.eval_resolution", ld.eval_resolution <= ld.eval_resize,
          f"{ld.eval_resolution} is larger than loader.eval_resize ({ld.eval_resize})"),
-        ("loader.dali.hw_decoder_load", 0 <= ld.dali.hw_decoder_load <= 1, f"must be in [0, 1], got {ld.dali.hw_decoder_load}"),
-        ("loader.dali.decode", ld.dali.decode in DALI_DECODE, f"{ld.dali.decode!r} is not one of {', '.join(DALI_DECODE)}"),
+        ("loader.dali.hw_decoder_load", 0 <= ld.dali.hw_decoder_load <= 1,
+         f"must be in [0, 1], got {ld.dali.hw_decoder_load}"),
+        ("loader.dali.decode", ld.dali.decode in DALI_DECODE,
+         f"{ld.dali.decode!r} is not one of {', '.join(DALI_DECODE)}"),
     ]
     for key, ok, problem in checks:
         if not ok:
