@@ -79,7 +79,7 @@ def score_split(trained: Trained, progress: bool = True) -> Tensor:
 
     Rows of samples that were not written (rejected records) stay zero (`seen` = 0).
     """
-    from mopro_fast.data import build_eval_loader
+    from mopro_fast.data import backend_options, build_eval_loader, loader_spec
     from mopro_fast.data.manifest import read_manifest
 
     cfg = trained.cfg
@@ -91,11 +91,10 @@ def score_split(trained: Trained, progress: bool = True) -> Tensor:
                          f"{trained.num_classes}: wrong shards (set data.shards=...)")
     table = torch.zeros(int(manifest.split(split)["num_listed"]), len(COLUMNS), dtype=torch.float64,
                         device=trained.device)  # N x 7
-    loader = build_eval_loader(cfg.loader.backend, shards=shards, split=split, batch_size=cfg.loader.batch_size,
+    loader = build_eval_loader(cfg.loader.backend,
+                               loader_spec(cfg, dist.rank(), dist.world_size(), trained.device), split=split,
                                resolution=cfg.loader.eval_resolution, resize=cfg.loader.eval_resize,
-                               workers=cfg.loader.workers, rank=dist.rank(), world_size=dist.world_size(),
-                               device=trained.device, channels_last=cfg.run.channels_last,
-                               prefetch=cfg.loader.prefetch, hw_decoder_load=cfg.loader.hw_decoder_load)
+                               options=backend_options(cfg, cfg.loader.backend))
     batches = loader
     if progress and dist.is_main():
         from tqdm import tqdm

@@ -58,14 +58,12 @@ class _Head(nn.Module):
 def extract_features(trained: Trained, split: str, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Pooled features h of every sample of `split` in the eval view: (n x F, labels n, indices n)."""
     from mopro_fast import runtime
-    from mopro_fast.data import build_eval_loader
+    from mopro_fast.data import backend_options, build_eval_loader, loader_spec
 
     cfg = trained.cfg
-    loader = build_eval_loader(cfg.loader.backend, shards=Path(cfg.data.shards), split=split,
-                               batch_size=cfg.loader.batch_size, resolution=cfg.loader.eval_resolution,
-                               resize=cfg.loader.eval_resize, workers=cfg.loader.workers, rank=0, world_size=1,
-                               device=trained.device, channels_last=cfg.run.channels_last,
-                               prefetch=cfg.loader.prefetch, hw_decoder_load=cfg.loader.hw_decoder_load)
+    loader = build_eval_loader(cfg.loader.backend, loader_spec(cfg, 0, 1, trained.device), split=split,
+                               resolution=cfg.loader.eval_resolution, resize=cfg.loader.eval_resize,
+                               options=backend_options(cfg, cfg.loader.backend))
     batches = loader
     if progress:
         from tqdm import tqdm

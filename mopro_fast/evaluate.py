@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
     Works in one process and under torchrun; the result is the same whatever the number of ranks.
     """
     from mopro_fast import runtime
-    from mopro_fast.data import build_eval_loader
+    from mopro_fast.data import backend_options, build_eval_loader, loader_spec
     from mopro_fast.data.manifest import read_manifest
     from mopro_fast.trained import load_trained
 
@@ -60,11 +60,9 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
                          f"{trained.num_classes}: wrong shards (set data.shards=...)")
     results = {}
     for split in splits or [s for s in cfg.data.eval_splits if s in manifest.splits]:
-        loader = build_eval_loader(cfg.loader.backend, shards=Path(cfg.data.shards), split=split,
-                                   batch_size=cfg.loader.batch_size, resolution=cfg.loader.eval_resolution,
-                                   resize=cfg.loader.eval_resize, workers=cfg.loader.workers, rank=dist.rank(),
-                                   world_size=dist.world_size(), device=device,
-                                   channels_last=cfg.run.channels_last, prefetch=cfg.loader.prefetch,
-                                   hw_decoder_load=cfg.loader.hw_decoder_load)
+        loader = build_eval_loader(cfg.loader.backend, loader_spec(cfg, dist.rank(), dist.world_size(), device),
+                                   split=split,
+                                   resolution=cfg.loader.eval_resolution, resize=cfg.loader.eval_resize,
+                                   options=backend_options(cfg, cfg.loader.backend))
         results[split] = evaluate(net, loader, runtime.autocast(device, cfg.run.precision), device)
     return {"checkpoint": str(checkpoint), "world_size": dist.world_size(), "eval": results}

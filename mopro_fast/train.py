@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from mopro_fast import dist, runtime
 from mopro_fast.checkpoint import (CheckpointError, checkpoint_name, code_version, find_resumable, load_checkpoint,
                                    rng_state, save_checkpoint, set_rng_state)
-from mopro_fast.config import Config, Derived, derive, lr_at, mopro_switches
-from mopro_fast.data import build_eval_loader, build_train_loader
+from mopro_fast.config import Config, Derived, derive, lr_at, mopro_switches, resolution_at
+from mopro_fast.data import backend_options, build_eval_loader, build_train_loader, loader_spec
 from mopro_fast.data.manifest import ManifestError, read_manifest
 from mopro_fast.evaluate import evaluate
 from mopro_fast.interrupt import Every, StopRequest, TrainingInterrupted
@@ -222,14 +222,15 @@ def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None)
         print(derived.describe(), flush=True)
 
     # ---- data
-    loader_args = dict(shards=Path(cfg.data.shards), batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
-                       rank=rank, world_size=world, device=device, channels_last=cfg.run.channels_last,
-                       prefetch=cfg.loader.prefetch, hw_decoder_load=cfg.loader.hw_decoder_load)
-    run.train_loader = build_train_loader(cfg.loader.backend, split=cfg.data.train_split,
-                                          resolution=cfg.loader.resolution, shuffle_buffer=cfg.loader.shuffle_buffer,
-                                          seed=cfg.run.seed, steps_per_epoch=derived.steps_per_epoch, **loader_args)
-    run.eval_loaders = {s: build_eval_loader(cfg.loader.backend, split=s, resolution=cfg.loader.eval_resolution,
-                                             resize=cfg.loader.eval_resize, **loader_args) for s in eval_splits}
+    spec, options = loader_spec(cfg, rank, world, device), backend_options(cfg, cfg.loader.backend)
+    run.train_loader = build_train_loader(cfg.loader.backend, spec, split=cfg.data.train_split,
+                                          resolution=resolution_at(cfg.loader, run.pos.epoch),
+                                          steps_per_epoch=derived.steps_per_epoch, options=options)
+    run.eval_loaders = {s: build_eval_loader(cfg.loader.backend, spec, split=s, resolution=cfg.loader.eval_resolution,
+                                             resize=cfg.loader.eval_resize, options=options) for s in eval_splits}
+    if run.pos.step_in_epoch and not run.train_loader.exact_resume and dist.is_main():
+        print(f"note: loader backend {cfg.loader.backend} cannot resume mid-epoch exactly: epoch {run.pos.epoch} "
+              f"goes on from step {run.pos.step_in_epoch} with other samples and views", file=sys.stderr, flush=True)
     if cfg.data.truth:
         run.truth = truth_by_index(Path(cfg.data.shards), cfg.data.train_split, Path(cfg.data.truth)).to(device)
     run.log = RunLog(folder.path, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
@@ -249,6 +250,7 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
     timer = Every(cfg.run.ckpt_every_minutes)
     for epoch in range(pos.epoch, cfg.schedule.epochs):
         use_proto, clean = mopro_switches(cfg, epoch)
+        run.train_loader.set_resolution(resolution_at(cfg.loader, epoch))
         run.train_loader.set_epoch(epoch, start_step=pos.step_in_epoch)
         window, batches, received = LogWindow(d.global_batch), iter(run.train_loader), 0
         while pos.step_in_epoch < d.steps_per_epoch:

@@ -170,7 +170,7 @@ def test_wrong_type_in_file(tmp_path):
     (["schedule.epochs=14", "mopro.proto_start_epoch=20"], "mopro.proto_start_epoch: 20 is beyond schedule.epochs"),
     (["loader.eval_resize=36", "loader.eval_resolution=40"],
      "loader.eval_resolution: 40 is larger than loader.eval_resize (36)"),
-    (["loader.hw_decoder_load=2"], "loader.hw_decoder_load: must be in [0, 1]"),
+    (["loader.dali.hw_decoder_load=2"], "loader.dali.hw_decoder_load: must be in [0, 1]"),
     (["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov: needs optim.momentum > 0"),
     (["data.eval_splits=[val, val]"], "data.eval_splits: lists a split twice"),
     (["run.eval_every=0"], "run.eval_every: must be >= 1"),

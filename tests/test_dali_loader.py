@@ -1,5 +1,5 @@
-"""Loader backend `dali` on real shards, CPU only (`device_id=None`): Batch contract, eval view vs
-the torch backend, view statistics, rank sharding, a demo training run, and `bench loader --quick`.
+"""Loader backend `dali` on real shards, CPU only (`device_id=None`): view statistics in both decode
+modes, a demo training run, and `bench loader --quick` (the shared contract: test_loader_contract.py).
 
 Skipped as a whole when DALI is not installed. Shards: conftest's `small_shards` (48 px images).
 """
@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.shards import read_samples
-from mopro_fast.data import Batch, EvalBatch, build_eval_loader, build_train_loader
+from mopro_fast.data import Batch
 from mopro_fast.data.batch import denormalize_to_uint8_range
-from mopro_fast.data.manifest import read_manifest
-from tests.conftest import run_cli
+from mopro_fast.data.options import DaliOptions
+from tests.conftest import demo_run, eval_loader, run_cli, train_loader
 
 pytest.importorskip("nvidia.dali")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -26,64 +25,17 @@ RES = 32
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def truth(small_shards: Path) -> dict[str, dict[int, int]]:
-    """split -> {sid: label}, read with the writer's own tar reader."""
-    out: dict[str, dict[int, int]] = {}
-    manifest = read_manifest(small_shards)
-    for split in manifest.splits:
-        rows = {}
-        for shard in manifest.shards(split):
-            for _key, fields in read_samples(shard.path):
-                rows[int.from_bytes(fields["sid"], "little", signed=True)] = int.from_bytes(fields["lbl"], "little",
-                                                                                           signed=True)
-        out[split] = rows
-    return out
-
-
-def train_loader(shards: Path, backend: str = "dali", **kw):
-    args = dict(shards=shards, split="train", batch_size=8, resolution=RES, workers=1, shuffle_buffer=32, seed=0,
-                rank=0, world_size=1, device="cpu")
-    return build_train_loader(backend, **{**args, **kw})
-
-
-# ------------------------------------------------------------------------------------- eval
-
-@pytest.mark.parametrize("split", ["val", "imagenet-val"])
-def test_eval_view_matches_torch_backend_and_covers_each_sample_once(small_shards: Path, truth, split: str) -> None:
-    kw = dict(shards=small_shards, split=split, batch_size=4, resolution=RES, resize=36, workers=1, world_size=2,
-              device="cpu")
-    dali = [list(build_eval_loader("dali", rank=r, **kw)) for r in range(2)]
-    torch_ = [list(build_eval_loader("torch", rank=r, **{**kw, "workers": 0})) for r in range(2)]
-    got = [i for batches in dali for b in batches for i in b.index.tolist()]
-    assert sorted(got) == sorted(truth[split]) and len(got) == len(set(got))  # disjoint, covering
-    for batches in dali:
-        for b in batches:
-            assert isinstance(b, EvalBatch) and b.image.shape[1:] == (3, RES, RES) and b.image.dtype == torch.float32
-            assert b.image.is_contiguous(memory_format=torch.channels_last)
-            assert [truth[split][i] for i in b.index.tolist()] == b.label.tolist()
-            assert b.label.dtype == b.index.dtype == torch.int64
-    ours = {i: img for batches in dali for b in batches for i, img in zip(b.index.tolist(), b.image)}
-    ref = {i: img for batches in torch_ for b in batches for i, img in zip(b.index.tolist(), b.image)}
-    assert ours.keys() == ref.keys()
-    # Normalised units: 1 level ~ 0.017. Same decoder (libjpeg-turbo), same sizes and crop offsets;
-    # only the two antialiased bilinear kernels round differently (measured: mean ~0.15, max 1 level).
-    diff = torch.stack([(ours[i] - ref[i]).abs() for i in ref])
-    assert diff.mean() < 0.01, diff.flatten(1).mean(1)
-    assert diff.max() < 0.06, diff.max()
-
-
 # ------------------------------------------------------------------------------------- train
 
 @pytest.mark.parametrize("decode", ["roi", "once"])
 def test_train_batches_contract_and_view_statistics(small_shards: Path, truth, decode: str) -> None:
-    loader = train_loader(small_shards, debug=True, decode=decode)
+    loader = train_loader(small_shards, "dali", options=DaliOptions(decode=decode))
     steps = loader.steps_per_epoch
     assert steps == len(truth["train"]) // 8
     params, seen = [], []
     for epoch in range(3):  # a few hundred samples; the reader wraps between epochs
         loader.set_epoch(epoch)
-        batches = list(loader)
+        batches = list(loader.iter_debug())
         assert len(batches) == steps
         for b, p in batches:
             assert isinstance(b, Batch) and len(b) == 8
@@ -116,38 +68,12 @@ def test_train_batches_contract_and_view_statistics(small_shards: Path, truth, d
     assert (spread_k[~gray] > 2.5).mean() > 0.9 and (spread_q > 2.5).mean() > 0.9
 
 
-def test_two_ranks_disjoint_equal_counts_and_resolution(small_shards: Path, truth) -> None:
-    per_rank = []
-    for rank in range(2):
-        loader = train_loader(small_shards, rank=rank, world_size=2)
-        loader.set_epoch(0)
-        batches = list(loader)
-        assert len(batches) == loader.steps_per_epoch == len(truth["train"]) // 16
-        per_rank.append([i for b in batches for i in b.index.tolist()])
-    a, b = set(per_rank[0]), set(per_rank[1])
-    assert not a & b and len(a) == len(per_rank[0]) and len(b) == len(per_rank[1])
-    assert len(a | b) >= len(truth["train"]) - 16 and a | b <= set(truth["train"])
-    loader = train_loader(small_shards, steps_per_epoch=3)
-    loader.set_epoch(1, start_step=1)
-    assert len(list(loader)) == 2 == len(loader)
-    loader.set_resolution(24)
-    loader.set_epoch(2)
-    assert next(iter(loader)).view_k.shape == (8, 3, 24, 24)
-
-
 # ------------------------------------------------------------------------------------- train run, bench
 
 def test_demo_recipe_trains_and_evaluates_with_dali(small_shards: Path, small_fixture: Path, truth,
                                                    tmp_path: Path) -> None:
     out = tmp_path / "run"
-    overrides = {"data.shards": small_shards, "data.truth": small_fixture / "truth.tsv", "run.out": out,
-                 "model.small_stem": "false", "model.proj_hidden": 64, "mopro.queue_size": 64,
-                 "loader.resolution": 32, "loader.eval_resize": 36, "loader.eval_resolution": 32,
-                 "loader.batch_size": 32, "loader.workers": 1, "loader.backend": "dali", "schedule.epochs": 1,
-                 "schedule.warmup_epochs": 0, "mopro.proto_start_epoch": 1, "mopro.start_clean_epoch": 1,
-                 "optim.lr": 0.05, "optim.base_batch": 32, "run.log_every": 2}
-    result = run_cli("train", REPO / "recipes" / "demo_cpu.yaml", *[f"{k}={v}" for k, v in overrides.items()],
-                     cwd=REPO)
+    result = demo_run("dali", small_shards, small_fixture, out, epochs=1)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["val"]["samples"] == len(truth["val"])
@@ -166,12 +92,11 @@ def test_bench_loader_quick_json() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the mixed nvJPEG pipeline)")
 @pytest.mark.parametrize("decode", ["once", "roi"])
 def test_mixed_pipeline_on_gpu(small_shards: Path, truth, decode: str) -> None:
-    loader = train_loader(small_shards, device="cuda", decode=decode)
+    loader = train_loader(small_shards, "dali", device="cuda", options=DaliOptions(decode=decode))
     loader.set_epoch(0)
     batch = next(iter(loader))
     for view in (batch.view_q, batch.view_k):
         assert view.is_cuda and view.dtype == torch.float32 and view.is_contiguous(memory_format=torch.channels_last)
     assert [truth["train"][i] for i in batch.index.tolist()] == batch.label.tolist()
-    evals = build_eval_loader("dali", shards=small_shards, split="val", batch_size=8, resolution=RES, resize=RES + 4,
-                              workers=1, rank=0, world_size=1, device="cuda")
+    evals = eval_loader(small_shards, "dali", "val", resize=RES + 4, batch_size=8, device="cuda")
     assert sum(len(b) for b in evals) == len(truth["val"])

@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from data_tools.convert import ConvertSettings, convert
+from tests.conftest import eval_loader, train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo_cpu.yaml"
@@ -138,7 +138,6 @@ def test_a_cut_tar_inside_a_worker_names_the_shard(small_shards: Path, tmp_path:
     import json
 
     from mopro_fast.data.errors import ShardError
-    from mopro_fast.data.torch_loader import TorchTrainLoader
 
     shards = copy_shards(small_shards, tmp_path / "shards")
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -147,8 +146,7 @@ def test_a_cut_tar_inside_a_worker_names_the_shard(small_shards: Path, tmp_path:
     (shards / "manifest.json").write_text(json.dumps(manifest))
     shard = shards / manifest["splits"]["train"]["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:5000])
-    loader = TorchTrainLoader(shards, "train", batch_size=16, resolution=16, workers=1, shuffle_buffer=1, seed=0,
-                              rank=0, world_size=1, device="cpu")
+    loader = train_loader(shards, "torch", resolution=16, batch_size=16, shuffle_buffer=1)
     loader.set_epoch(0)
     with pytest.raises(ShardError) as caught:
         list(loader)
@@ -157,18 +155,9 @@ def test_a_cut_tar_inside_a_worker_names_the_shard(small_shards: Path, tmp_path:
     assert "Traceback" not in message  # the worker's wrapping is gone
 
 
-@pytest.fixture(scope="module")
-def ffcv_shards(small_fixture: Path, tmp_path_factory) -> Path:
-    pytest.importorskip("ffcv")
-    out = tmp_path_factory.mktemp("ffcv-safety") / "out"
-    convert(small_fixture, out, ConvertSettings(shard_size=40, imagenet_val=str(small_fixture / "imagenet_val")),
-            workers=1, progress=False, fmt="both")
-    return out
-
-
 def test_a_damaged_beton_stops_training_and_eval_with_one_line(ffcv_shards: Path, tmp_path: Path) -> None:
     from mopro_fast.data.errors import ShardError
-    from mopro_fast.data.ffcv_loader import FfcvEvalLoader, beton_path
+    from mopro_fast.data.ffcv_loader import beton_path
 
     shards = copy_shards(ffcv_shards, tmp_path / "shards")
     index = zero_beton_jpeg(shards / "train.beton")
@@ -176,8 +165,7 @@ def test_a_damaged_beton_stops_training_and_eval_with_one_line(ffcv_shards: Path
                                              "run.out": tmp_path / "run"}), "--no-progress")
     failed(result, str(shards / "train.beton"), f"sample index {index}", "does not decode", "mopro-fast verify")
     index = zero_beton_jpeg(shards / "val.beton")  # eval (and clean) read EvalDecoder's status row
-    loader = FfcvEvalLoader(shards, "val", batch_size=8, resolution=16, resize=18, workers=1, rank=0, world_size=1,
-                            device="cpu")
+    loader = eval_loader(shards, "ffcv", "val", resolution=16, resize=18, batch_size=8)
     with pytest.raises(ShardError, match=f"sample index {index} of {shards / 'val.beton'}.*mopro-fast verify"):
         list(loader)
     (shards / "val.beton").write_bytes((shards / "val.beton").read_bytes()[:4096])

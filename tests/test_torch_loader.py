@@ -24,7 +24,7 @@ from mopro_fast.data import BackendUnavailable, Batch, EvalBatch, build_eval_loa
 from mopro_fast.data.batch import denormalize_to_uint8_range
 from mopro_fast.data.manifest import ManifestError, read_manifest
 from mopro_fast.data.stream import eval_window, pieces, shard_order, train_window
-from mopro_fast.data.torch_loader import TorchEvalLoader, TorchTrainLoader, decode
+from mopro_fast.data.torch_loader import TorchTrainLoader, decode
 from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, apply_view, eval_size, eval_view, two_views
 
 RES = 32
@@ -220,7 +220,7 @@ def test_eval_loader_two_ranks_cover_every_sample_once(small_shards: Path, truth
     got = indices(per_rank[0]) + indices(per_rank[1])
     assert sorted(got) == sorted(truth[split]) and len(got) == len(set(got))
     for r, batches in enumerate(per_rank):
-        assert len(batches) == len(TorchEvalLoader(rank=r, **kw))
+        assert len(batches) == len(build_eval_loader("torch", rank=r, **kw))
         for b in batches:
             assert isinstance(b, EvalBatch) and b.image.shape[1:] == (3, RES, RES)
             assert b.image.is_contiguous(memory_format=torch.channels_last)

@@ -61,7 +61,15 @@ def load_crt_config(recipe_path: str | Path, overrides: Sequence[str] = ()) -> C
 
 
 def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source: str = "checkpoint") -> Config:
-    """A config saved as a dict (e.g. in a checkpoint), with overrides; checked like a recipe."""
+    """A config saved as a dict (e.g. in a checkpoint), with overrides; checked like a recipe.
+
+    Checkpoints of earlier versions are read too: their `loader.hw_decoder_load` is today's
+    `loader.dali.hw_decoder_load`."""
+    loader = data.get("loader")
+    if isinstance(loader, dict) and "hw_decoder_load" in loader:
+        loader = {k: v for k, v in loader.items() if k != "hw_decoder_load"}
+        loader["dali"] = {"hw_decoder_load": data["loader"]["hw_decoder_load"], **loader.get("dali", {})}
+        data = {**data, "loader": loader}
     return _build([(OmegaConf.create(data), f"in {source}"), *_override_layers(overrides)], source, Config, None)
 
 
@@ -192,21 +200,21 @@ def _range_problem(bounds: Mapping[str, Any], value: Any) -> str | None:
     return None if ok else f"must be {_range_text(bounds)}, got {value}"
 
 
-def validate_fields(cfg: Any) -> None:
+def validate_fields(cfg: Any, prefix: str = "") -> None:
     """ConfigError for the first field outside its choices (a Literal type) or its `spec` range
-    (any root of sections; also catches values set in Python rather than loaded)."""
-    for section in dataclasses.fields(cfg):
-        sec = getattr(cfg, section.name)
-        for f in dataclasses.fields(sec):
-            value, tp = getattr(sec, f.name), _hints(type(sec))[f.name]
-            if get_origin(tp) is Literal and value not in get_args(tp):
-                raise ConfigError(f"{section.name}.{f.name}: {value!r} is not one of {', '.join(get_args(tp))}")
-            if not f.metadata:
-                continue
-            for i, item in enumerate(value if isinstance(value, list) else [value]):
-                if item is not None and (problem := _range_problem(f.metadata, item)) is not None:
-                    where = f"[{i}]" if isinstance(value, list) else ""
-                    raise ConfigError(f"{section.name}.{f.name}{where}: {problem}")
+    (any root of sections, nested sections such as loader.dali included; also catches values set
+    in Python rather than loaded)."""
+    for f in dataclasses.fields(cfg):
+        value, tp, dotted = getattr(cfg, f.name), _hints(type(cfg))[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate_fields(value, f"{dotted}.")
+            continue
+        if get_origin(tp) is Literal and value not in get_args(tp):
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(get_args(tp))}")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if f.metadata and item is not None and (problem := _range_problem(f.metadata, item)) is not None:
+                where = f"[{i}]" if isinstance(value, list) else ""
+                raise ConfigError(f"{dotted}{where}: {problem}")
 
 
 def raise_first(checks: Sequence[tuple[str, bool, str]]) -> None:

@@ -114,13 +114,30 @@ class ScheduleConfig:
 
 
 @dataclass
+class DaliConfig:
+    """`loader.dali`: what only the dali backend reads (mopro_fast/data/dali_loader.py)."""
+
+    hw_decoder_load: float = spec(0.65, ge=0, le=1)
+    """Share of JPEG decoding sent to the A100/H100 hardware decoder (DALI on CUDA only)."""
+    decode: Literal["once", "roi"] = "once"
+    """once: one full decode, then both crops; roi: two decodes of just the crops' regions."""
+
+    def check(self) -> None:
+        """The same rules as a recipe, for options built in code (ValueError, one line)."""
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"loader.dali.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        if self.decode not in ("once", "roi"):
+            raise ValueError(f"loader.dali.decode must be one of once, roi, got {self.decode!r}")
+
+
+@dataclass
 class LoaderConfig:
     backend: Literal["torch", "dali", "ffcv", "nvjpeg"] = "torch"
     """Data loading backend; every backend yields the same Batch."""
     batch_size: int = spec(32, ge=1)
     """Images per rank per step (global batch = batch_size x world size)."""
     workers: int = spec(8, ge=0)
-    """Loader worker processes (torch) or decoding threads (dali) per rank."""
+    """Parallel readers/decoders per rank: processes (torch, nvjpeg; 0 = main process) or threads (dali, ffcv)."""
     resolution: int = spec(224, ge=1)
     """Side of the training crops (px); with `min_resolution` set, the side reached at `ramp_end_epoch`."""
     min_resolution: int | None = spec(None, ge=1)
@@ -140,9 +157,9 @@ class LoaderConfig:
     shuffle_buffer: int = spec(5000, ge=0)
     """Shuffle buffer in samples, every backend (DALI: the reader's initial_fill); 0 = shard order only."""
     prefetch: int = spec(2, ge=1)
-    """Batches prepared ahead per worker / pipeline."""
-    hw_decoder_load: float = spec(0.65, ge=0, le=1)
-    """GPU-decoding backends (DALI on CUDA): share of JPEG decoding sent to the hardware decoder."""
+    """Batches prepared ahead per rank (all of its workers together)."""
+    dali: DaliConfig = field(default_factory=DaliConfig)
+    """Options only the dali backend reads: hw_decoder_load, decode."""
 
 
 @dataclass

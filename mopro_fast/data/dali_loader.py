@@ -11,10 +11,10 @@ One pipeline per loader (DESIGN.md section 3), built with `pipeline_def` and `fn
 normalised with the ImageNet mean/std by `fn.crop_mirror_normalize` to fp32 (the Batch contract).
 Outputs are laid out HWC, so `permute` gives channels-last NCHW tensors with no extra copy.
 
-Decoding (`decode=`), "mixed" = nvJPEG on a GPU, "cpu" without one:
+Decoding (`loader.dali.decode`), "mixed" = nvJPEG on a GPU, "cpu" without one:
 - "once" (default): one full `fn.decoders.image`, then two crops;
 - "roi": `fn.decoders.image_random_crop` twice, each decoding only its crop's region.
-`mopro-fast bench loader --backend dali --backend dali-roi` compares them. On the 2-core CPU at
+Recipe key `loader.dali.decode`; `mopro-fast bench loader --backend dali --backend dali-roi` compares them. On the 2-core CPU at
 224 px, on shards stored at 256 px, three runs gave roi/once = 1.16, 0.97, 0.99: no difference
 beyond the noise, so "once" stays the default (one decode, and its crop windows can be returned
 for tests). On a GPU with larger stored images ROI decoding may win: unmeasured.
@@ -29,14 +29,19 @@ ColorJitter's random order of four ops: same parameter ranges, not the same pixe
 Epochs and ranks. Each rank reads its own contiguous share of the split (the reader's sharding,
 `stick_to_shard=True`, so ranks stay disjoint in every epoch), through a shuffle buffer of
 `shuffle_buffer` samples (`initial_fill`). An epoch is exactly `steps_per_epoch` batches on every
-rank (default N // (batch_size * world_size), which fits in each rank's share); the reader is not
-restarted between epochs, so the few samples left over at the end of an epoch start the next one.
+rank (default N // (batch_size * world_size), which fits in each rank's share).
 
-Determinism (DALI's limits, honestly): the stream of samples and views is a function of the seed
-and of how many batches were drawn since the pipeline was built; `set_epoch` does not reseed it,
-and `set_epoch(e, start_step=k)` only shortens the epoch to steps - k batches (a resumed run sees
-different samples and views than an uninterrupted one). `set_resolution` rebuilds the pipeline
-(the reader starts again at its share's beginning, with seed mixed with the resolution).
+Determinism and exact resume: every epoch builds a fresh pipeline whose seed is mixed from
+(seed, epoch, rank, world size, resolution), so the reader starts again at its share's
+beginning and the reader's shuffle and every random op draw the same numbers whenever that epoch
+is run (DALI's random operators are seeded per operator from the pipeline seed and keep one state
+per sample slot, so the thread count does not change them). `set_epoch(e, start_step=k)` runs
+and drops the first k batches (decoded: skipping costs k batches of work once, at a resume), so
+a resumed epoch yields exactly steps k.. of the uninterrupted one. The price of the fresh reader:
+each epoch sees the first steps x batch samples of the rank's share through the shuffle buffer,
+so the last few samples of a share (fewer than a batch, plus whatever the buffer still holds when
+the epoch ends) are seen less often than the rest. `set_resolution` takes effect at the next
+epoch's pipeline (no extra rebuild).
 
 Evaluation: no shuffle; each iteration builds a fresh pipeline (so prefetching of one pass cannot
 move the next one), reads ceil(n_r / B) batches and trims the last one to the rank's share n_r,
@@ -46,7 +51,6 @@ whose bounds are the reader's: [N r / R, N (r + 1) / R). Every sample once over 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -54,10 +58,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
+from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
-from mopro_fast.data.epochs import EpochPlan, check_loader_args
 from mopro_fast.data.errors import ShardError, damaged, damaged_split
-from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.options import DaliOptions
 from mopro_fast.data.stream import mix_seed
 from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER
 
@@ -158,7 +162,7 @@ def _train_graph(paths, rank, world_size, initial_fill, resolution, gpu, channel
                  decode="once"):
     jpeg, label, index = _read(paths, rank, world_size, True, initial_fill)
     jpeg, ok, src = _screen(jpeg)
-    if decode == "roi":  # two ROI decodes (the alternative `bench loader --dali-decode both` measures)
+    if decode == "roi":  # two ROI decodes (`bench loader --backend dali-roi` measures it)
         weak, strong = (_roi_view(jpeg, gpu, hw_decoder_load, resolution) for _ in range(2))
         crop_q = crop_k = None
     else:  # one full decode, two crops
@@ -264,96 +268,71 @@ def _checked(call, paths: list[str], where: tuple[str, str]):
 
 # ----------------------------------------------------------------------------------- loaders
 
-class DaliTrainLoader(EpochPlan):
-    """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
+def _pipeline(graph, loader, seed: int, *args):
+    """A built DALI pipeline of `graph(*args)` with the loader's batch, threads, device and prefetch."""
+    pipe = pipeline_def(graph, enable_conditionals=True, batch_size=loader.batch_size,
+                        num_threads=max(loader.workers, 1), device_id=_device_id(loader.device),
+                        prefetch_queue_depth=max(loader.prefetch, 1), seed=seed & _SEED_MASK)(*args)
+    _checked(pipe.build, loader._paths, loader._where)
+    return pipe
 
-    Same arguments as `TorchTrainLoader`, plus `hw_decoder_load` (share of JPEGs for the A100/H100
-    hardware decoder, GPU only) and `debug` (iteration yields `(Batch, params)` with the sampled
-    crop windows `(y0, x0, h, w)` as fractions of the source, flips and grayscale coins, B x ...
-    numpy arrays). `workers` is DALI's thread count (at least 1). Determinism: module docstring.
+
+class DaliTrainLoader(TrainLoaderBase):
+    """Training batches (`Batch`) of one rank (base.TrainLoaderBase). `workers` = DALI threads (at
+    least 1), `prefetch` = DALI's prefetch_queue_depth. Options (`loader.dali`, options.DaliOptions):
+    `hw_decoder_load` (GPU only) and `decode`. `iter_debug`: the shared keys; "roi" decoding has no
+    crop windows to report. Determinism and resume: module docstring.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
-                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
-                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
-                 hw_decoder_load: float = 0.65, debug: bool = False, decode: str = "once"):
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        infos = read_manifest(shards).shards(split)
-        self._paths, self._where = [str(s.path) for s in infos], (str(shards), split)
-        self.num_samples = sum(s.samples for s in infos)
-        if self.num_samples == 0:
-            raise ValueError(f"split {split!r} of {shards} has no samples")
-        self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last, self.hw_decoder_load, self.debug = channels_last, hw_decoder_load, debug
-        self.prefetch = prefetch
-        if decode not in ("once", "roi"):
-            raise ValueError(f"decode must be 'once' or 'roi', got {decode!r}")
-        self.decode = decode
-        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
-        self.resolution = resolution
-        self._pipe = None
+    Options = DaliOptions
+    exact_resume = True
+    resolution_without_rebuild = False  # a new resolution is a new pipeline (built per epoch anyway)
+    debug_params = True
 
-    def set_resolution(self, resolution: int) -> None:
-        """The crop size of the views from the next iteration on (rebuilds the pipeline)."""
-        if resolution < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        if resolution != self.resolution:
-            self.resolution, self._pipe = resolution, None
+    def _build(self, debug: bool):
+        o = self.options
+        return _pipeline(_train_graph, self, mix_seed(self.seed, self.epoch, self.rank, self.world_size, self.resolution),
+                         self._paths, self.rank, self.world_size, self.shuffle_buffer, self.resolution,
+                         self.device.type == "cuda", self.channels_last, o.hw_decoder_load, debug, o.decode)
 
-    def _build(self):
-        gpu = self.device.type == "cuda"
-        pipe = pipeline_def(_train_graph, enable_conditionals=True, batch_size=self.batch_size, num_threads=max(self.workers, 1),
-                            device_id=_device_id(self.device), prefetch_queue_depth=self.prefetch,
-                            seed=mix_seed(self.seed, self.rank, self.resolution) & _SEED_MASK)(
-            self._paths, self.rank, self.world_size, self.shuffle_buffer, self.resolution, gpu,
-            self.channels_last, self.hw_decoder_load, self.debug, self.decode)
-        _checked(pipe.build, self._paths, self._where)
-        return pipe
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self._pipe is None:
-            self._pipe = self._build()
-        for _ in range(self.start_step, self._steps):
-            out = _checked(self._pipe.run, self._paths, self._where)  # the reader wraps at its epoch end
-            _check_screened(out[4], out[5])
-            batch = Batch(_images(out[0], self.device, self.channels_last),
-                          _images(out[1], self.device, self.channels_last),
-                          _ints(out[2], self.device), _ints(out[3], self.device))
-            if self.debug:
-                flip_q, flip_k, gray, *crops = (np.array(o.as_tensor()) for o in out[6:])
-                params = {"flip_q": flip_q.reshape(-1).astype(bool), "flip_k": flip_k.reshape(-1).astype(bool),
-                          "gray": gray.reshape(-1) > 0.5}
-                if crops:
-                    params.update(crop_q=crops[0], crop_k=crops[1])
-                yield batch, params
-            else:
-                yield batch
+    def _iterate(self, debug: bool) -> Iterator[tuple[Batch, dict | None]]:
+        pipe = self._build(debug)
+        try:
+            for step in range(self._steps):
+                out = _checked(pipe.run, self._paths, self._where)
+                if step < self.start_step:
+                    continue  # a resumed epoch: the batches before start_step, drawn and dropped
+                _check_screened(out[4], out[5])
+                batch = Batch(_images(out[0], self.device, self.channels_last),
+                              _images(out[1], self.device, self.channels_last),
+                              _ints(out[2], self.device), _ints(out[3], self.device))
+                yield batch, (_debug_params(out[6:]) if debug else None)
+        finally:
+            del pipe
 
 
-class DaliEvalLoader:
-    """Eval batches (`EvalBatch`) of one rank: its disjoint share of the split, in shard order.
+def _debug_params(outputs) -> dict:
+    flip_q, flip_k, gray, *crops = (np.array(o.as_tensor()) for o in outputs)
+    params = {"flip_q": flip_q.reshape(-1).astype(bool), "flip_k": flip_k.reshape(-1).astype(bool),
+              "gray": gray.reshape(-1) > 0.5}
+    if crops:
+        params.update(crop_q=crops[0], crop_k=crops[1])
+    return params
 
-    Same arguments as `TorchEvalLoader` (plus `hw_decoder_load`). Over all ranks every sample
-    appears exactly once; ranks may get different batch counts. View: resize the shorter side to
-    `resize` (antialiased bilinear), centre crop `resolution`, as `views.eval_view` up to the
-    resize kernels' rounding.
+
+class DaliEvalLoader(EvalLoaderBase):
+    """Eval batches (`EvalBatch`) of one rank (base.EvalLoaderBase), in shard order. View: resize the
+    shorter side to `resize` (antialiased bilinear), centre crop `resolution`, as `views.eval_view`
+    up to the resize kernels' rounding. Options: `loader.dali.hw_decoder_load`.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
-                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
-                 prefetch: int = 2, hw_decoder_load: float = 0.65):
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        if resize < resolution:
-            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
-        infos = read_manifest(shards).shards(split)
-        self._paths, self._where = [str(s.path) for s in infos], (str(shards), split)
-        self.num_samples = sum(s.samples for s in infos)
-        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last, self.hw_decoder_load, self.prefetch = channels_last, hw_decoder_load, prefetch
+    Options = DaliOptions
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         # The reader's own share bounds (DALI: start = N * shard_id / num_shards).
-        self.share = (self.num_samples * (rank + 1) // world_size) - (self.num_samples * rank // world_size)
+        n, r, w = self.num_samples, self.rank, self.world_size
+        self.share = (n * (r + 1) // w) - (n * r // w)
 
     def __len__(self) -> int:
         return -(-self.share // self.batch_size)
@@ -361,12 +340,8 @@ class DaliEvalLoader:
     def __iter__(self) -> Iterator[EvalBatch]:
         if self.share == 0:
             return
-        gpu = self.device.type == "cuda"
-        pipe = pipeline_def(_eval_graph, enable_conditionals=True, batch_size=self.batch_size, num_threads=max(self.workers, 1),
-                            device_id=_device_id(self.device), prefetch_queue_depth=self.prefetch, seed=0)(
-            self._paths, self.rank, self.world_size, self.resize, self.resolution, gpu, self.channels_last,
-            self.hw_decoder_load)
-        _checked(pipe.build, self._paths, self._where)
+        pipe = _pipeline(_eval_graph, self, 0, self._paths, self.rank, self.world_size, self.resize,
+                         self.resolution, self.device.type == "cuda", self.channels_last, self.options.hw_decoder_load)
         left = self.share
         while left > 0:
             image, label, index, ok, src = _checked(pipe.run, self._paths, self._where)

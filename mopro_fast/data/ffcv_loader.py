@@ -39,9 +39,9 @@ from ffcv.loader.epoch_iterator import IS_CUDA
 from ffcv.pipeline import PipelineSpec
 from ffcv.traversal_order.base import TraversalOrder
 
+from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images, normalize_uint8
 from mopro_fast.data.color import apply_strong_color, sample_strong_color
-from mopro_fast.data.epochs import EpochPlan, check_loader_args
 from mopro_fast.data.errors import check_size, damaged, reason
 from mopro_fast.data.ffcv_ops import EvalDecoder, TwoViewDecoder, bad_rows, read_params
 from mopro_fast.data.manifest import ManifestError, read_manifest
@@ -175,35 +175,28 @@ def _int_column(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array.reshape(-1).astype(np.int64)).to(device, non_blocking=True)
 
 
-class FfcvTrainLoader(EpochPlan):
-    """Training batches (`Batch`) of one rank from the split's .beton: `steps_per_epoch` per epoch.
+class _BetonSplit:
+    """The split's .beton instead of webdataset shards (mixed into both loaders)."""
 
-    Same arguments as `TorchTrainLoader` (plus `debug`: yield `(batch, params)` with the sampled
-    crops, flips and grayscale flags); `workers` = FFCV/numba threads, `prefetch` = FFCV's
-    batches_ahead, `shuffle_buffer` and `hw_decoder_load` unused.
+    def _read_split(self, shards: Path, split: str) -> int:
+        self._beton, num_samples = beton_path(shards, split)
+        return num_samples
+
+
+class FfcvTrainLoader(_BetonSplit, TrainLoaderBase):
+    """Training batches (`Batch`) of one rank from the split's .beton (base.TrainLoaderBase).
+
+    `workers` = FFCV/numba threads, `prefetch` = FFCV's batches_ahead; `shuffle_buffer` unused.
+    `iter_debug` adds `color` (the strong view's colour parameters) to the shared keys.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
-                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
-                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
-                 hw_decoder_load: float = 0.0, debug: bool = False):
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        self._beton, self.num_samples = beton_path(shards, split)
-        if self.num_samples == 0:
-            raise ValueError(f"split {split!r} of {shards} has no samples")
-        self.batch_size, self.workers, self.seed, self.prefetch = batch_size, workers, seed, prefetch
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last, self.debug = channels_last, debug
-        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
-        self.resolution = resolution
-        self._loader = None
+    exact_resume = True
+    resolution_without_rebuild = False  # a new resolution rebuilds the FFCV loader (and its JIT)
+    debug_params = True
+    _loader = None
 
-    def set_resolution(self, resolution: int) -> None:
-        """The crop size of the views from the next iteration on (rebuilds the FFCV loader)."""
-        if resolution < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        if resolution != self.resolution:
-            self.resolution, self._loader = resolution, None
+    def _resolution_changed(self) -> None:
+        self._loader = None
 
     def _build(self) -> Loader:
         self._order = _PlanOrder(self)
@@ -213,7 +206,7 @@ class FfcvTrainLoader(EpochPlan):
         self._order.full = False
         return loader
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _iterate(self, debug: bool) -> Iterator[tuple[Batch, dict | None]]:
         if self._loader is None:
             self._loader = self._build()
         res, dev = self.resolution, self.device
@@ -231,12 +224,12 @@ class FfcvTrainLoader(EpochPlan):
                 strong = strong.contiguous(memory_format=torch.channels_last)
             batch = Batch(finish_images(view_q, dev, self.channels_last), normalize_uint8(strong),
                           _int_column(label, dev), _int_column(index, dev))
-            if self.debug:
+            params = None
+            if debug:
                 q, k = read_params(images[:, 0, res]), read_params(images[:, 1, res])
-                yield batch, {"flip_q": q["flip"], "flip_k": k["flip"], "gray": color.gray.numpy(),
-                              "crop_q": _fractions(q), "crop_k": _fractions(k), "color": color}
-            else:
-                yield batch
+                params = {"flip_q": q["flip"], "flip_k": k["flip"], "gray": color.gray.numpy(),
+                          "crop_q": _fractions(q), "crop_k": _fractions(k), "color": color}
+            yield batch, params
             step += 1
         if step != self._steps:
             raise RuntimeError(f"ffcv loader stopped after step {step - 1} of {self._steps}")
@@ -248,25 +241,17 @@ def _fractions(p: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack([p["top"] / h, p["left"] / w, p["height"] / h, p["width"] / w], axis=1)
 
 
-class FfcvEvalLoader:
-    """Eval batches (`EvalBatch`) of one rank from the split's .beton: its share, in file order.
-
-    Same arguments as `TorchEvalLoader`; rank r reads rows [N r / R, N (r + 1) / R) (every sample
-    once over all ranks). The view is `views.eval_view` (ffcv_ops.EvalDecoder), normalised.
+class FfcvEvalLoader(_BetonSplit, EvalLoaderBase):
+    """Eval batches (`EvalBatch`) of one rank from the split's .beton (base.EvalLoaderBase): rank r
+    reads rows [N r / R, N (r + 1) / R) in file order. The view is `views.eval_view`
+    (ffcv_ops.EvalDecoder), normalised.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
-                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
-                 prefetch: int = 2, hw_decoder_load: float = 0.0):
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        if resize < resolution:
-            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
-        self._beton, self.num_samples = beton_path(shards, split)
-        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last, self.prefetch = channels_last, prefetch
-        self.share = eval_window(self.num_samples, rank, world_size, 1, 0)
-        self._loader = None
+    _loader = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.share = eval_window(self.num_samples, self.rank, self.world_size, 1, 0)
 
     def __len__(self) -> int:
         return -(-(self.share[1] - self.share[0]) // self.batch_size)

@@ -26,7 +26,7 @@ Parameters are drawn for the whole batch from one `torch.Generator` on the devic
 call): the crop follows torchvision's RandomResizedCrop rule exactly (up to 10 tries of area
 fraction U(0.2, 1) and log aspect U(log 3/4, log 4/3), else the largest centred box of an allowed
 aspect ratio), vectorised over samples and tries; `sample_crops` given the same uniforms returns
-what `views.sample_crop` returns (tests/test_gpu_views.py checks it).
+what `views.sample_crop` returns (tests/test_gpu_augment.py checks it).
 
 The eval view is `views.eval_view` (resize the shorter side, centre crop) as one more box:
 the crop window of the resized image pulled back to source pixels, so the same tap matrices give

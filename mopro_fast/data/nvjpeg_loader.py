@@ -13,7 +13,7 @@ Pipeline per batch:
   ops of gpu_augment), normalisation with the ImageNet mean/std, the output dtype and
   channels-last in one copy. No per-sample Python loop touches pixels.
 
-Output dtype: `dtype` (default float32, the Batch contract: an fp32 recipe gets fp32 inputs). On a
+Output dtype: `options.dtype` (default float32, the Batch contract: an fp32 recipe gets fp32 inputs). On a
 GPU with a bf16 recipe, `dtype=torch.bfloat16` halves the bytes the first convolution reads;
 autocast would cast them anyway (`bench loader` / `bench e2e` use it on CUDA).
 
@@ -31,21 +31,21 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
-from mopro_fast.data.epochs import EpochPlan, check_loader_args
 from mopro_fast.data.gpu_augment import constant
 from mopro_fast.data.gpu_views import eval_view_batch, to_device, two_views_batch
-from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.options import NvjpegOptions
 from mopro_fast.data.prefetch import prefetch
 from mopro_fast.data.stream import TAG_VIEWS, eval_window, mix_seed, pieces
-from mopro_fast.data.torch_loader import RawSample, _worker_id, read_pieces, slot_batches, undecodable
+from mopro_fast.data.torch_loader import (RawSample, _worker_id, eval_batches, read_pieces, slot_batches,
+                                          undecodable)
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
@@ -124,52 +124,33 @@ class _RawEvalShare(IterableDataset):
 def _raw_loader(dataset: IterableDataset, workers: int, prefetch_batches: int) -> DataLoader:
     # Raw bytes are not pinned: decode_jpeg reads them on the host (nvJPEG's Huffman stage) anyway.
     return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      prefetch_factor=max(prefetch_batches, 1) if workers else None)
+                      prefetch_factor=max(1, -(-prefetch_batches // workers)) if workers else None)
 
 
-class NvjpegTrainLoader(EpochPlan):
-    """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
-
-    Same arguments as `TorchTrainLoader`, plus `dtype` (of the views; default float32) and `debug`
-    (iteration yields `(Batch, params)`: the sampled crop windows `(y0, x0, h, w)` as fractions of
-    the source, flips, grayscale coins, jitter factors and order, as B x ... numpy arrays).
-    `prefetch` is both the DataLoader's prefetch factor and how many batches the device thread
-    prepares ahead (0: decode and augment inline). Samples per batch: as the torch backend.
+class NvjpegTrainLoader(TrainLoaderBase):
+    """Training batches (`Batch`) of one rank (base.TrainLoaderBase); samples per batch as the torch
+    backend's. `workers` = reader processes (no decoding there); `prefetch` = batches the device
+    thread prepares ahead (0: decode and augment inline), also what the readers hold ahead in all.
+    Options (options.NvjpegOptions): `dtype` of the views. `iter_debug` adds `size` (H, W of each
+    source), `factors` and `order` (colour jitter) to the shared keys.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
-                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
-                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
-                 hw_decoder_load: float = 0.0, dtype: torch.dtype = torch.float32, debug: bool = False):
-        # hw_decoder_load: DALI's hardware-decoder share; torchvision's decode_jpeg has no such knob.
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        infos = read_manifest(shards).shards(split)
-        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
-        self.num_samples = sum(self._sizes)
-        if self.num_samples == 0:
-            raise ValueError(f"split {split!r} of {shards} has no samples")
-        self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last, self.prefetch, self.dtype, self.debug = channels_last, prefetch, dtype, debug
-        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
-        self.resolution = resolution
+    Options = NvjpegOptions
+    exact_resume = True
+    resolution_without_rebuild = True
+    debug_params = True
 
-    def set_resolution(self, resolution: int) -> None:
-        """The crop size of the views from the next iteration on (progressive resizing)."""
-        if resolution < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        self.resolution = resolution
-
-    def _make(self, item: tuple[int, RawBatch]):
+    def _make(self, item: tuple[int, RawBatch], debug: bool):
         step, (data, lengths, label, index, sources) = item
         images = decode_batch(data, lengths, self.device, sources)
         generator = torch.Generator(device=images[0].device)
         generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank, self.world_size, step, TAG_VIEWS))
         view_q, view_k, (weak, strong) = two_views_batch(images, generator, self.resolution)
-        batch = Batch(finish(view_q, self.dtype, self.channels_last), finish(view_k, self.dtype, self.channels_last),
+        dtype = self.options.dtype
+        batch = Batch(finish(view_q, dtype, self.channels_last), finish(view_k, dtype, self.channels_last),
                       to_device(label, self.device), to_device(index, self.device))
-        if not self.debug:
-            return step, batch
+        if not debug:
+            return step, (batch, None)
         sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.float64)  # B x 2 (H, W)
         params = {"size": sizes.numpy(), "flip_q": weak.flip.cpu().numpy(), "flip_k": strong.flip.cpu().numpy(),
                   "gray": strong.gray.cpu().numpy(), "factors": strong.factors.cpu().numpy(),
@@ -180,13 +161,13 @@ class NvjpegTrainLoader(EpochPlan):
             params[name] = (box / sizes.repeat(1, 2)).numpy()  # y0, x0, h, w as fractions of H, W
         return step, (batch, params)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _iterate(self, debug: bool) -> Iterator[tuple[Batch, dict | None]]:
         start, W = self.start_step, max(self.workers, 1)
         dataset = _RawTrainEpoch(self._paths, self._sizes, self.batch_size, self._steps, self.shuffle_buffer,
                                  self.seed, self.epoch, self.rank, self.world_size, W, start)
         expected = start
         raw = _raw_loader(dataset, self.workers, self.prefetch)
-        for step, out in prefetch(raw, self._make, self.prefetch, self.device):
+        for step, out in prefetch(raw, lambda item: self._make(item, debug), self.prefetch, self.device):
             if step != expected:  # the round-robin order the plan relies on; cheap to check
                 raise RuntimeError(f"loader produced step {step} where step {expected} was due")
             yield out
@@ -195,35 +176,20 @@ class NvjpegTrainLoader(EpochPlan):
             raise RuntimeError(f"loader stopped after step {expected - 1} of {self._steps}")
 
 
-class NvjpegEvalLoader:
-    """Eval batches (`EvalBatch`) of one rank: its disjoint share of the split, in a fixed order.
-
-    Same arguments and sample order as `TorchEvalLoader` (plus `dtype`); the view is
-    `views.eval_view(resize, resolution)` made for the whole batch on the device.
+class NvjpegEvalLoader(EvalLoaderBase):
+    """Eval batches (`EvalBatch`) of one rank (base.EvalLoaderBase), in the torch backend's sample
+    order; the view is `views.eval_view(resize, resolution)` made for the whole batch on the device.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
-                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
-                 prefetch: int = 2, hw_decoder_load: float = 0.0, dtype: torch.dtype = torch.float32):
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        if resize < resolution:
-            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
-        infos = read_manifest(shards).shards(split)
-        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
-        self.num_samples = sum(self._sizes)
-        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last, self.prefetch, self.dtype = channels_last, prefetch, dtype
+    Options = NvjpegOptions
 
     def __len__(self) -> int:
-        W = max(self.workers, 1)
-        return sum(-(-(e - s) // self.batch_size)
-                   for s, e in (eval_window(self.num_samples, self.rank, self.world_size, W, w) for w in range(W)))
+        return eval_batches(self.num_samples, self.batch_size, self.rank, self.world_size, self.workers)
 
     def _make(self, raw: RawBatch) -> EvalBatch:
         data, lengths, label, index, sources = raw
         image = eval_view_batch(decode_batch(data, lengths, self.device, sources), self.resize, self.resolution)
-        return EvalBatch(finish(image, self.dtype, self.channels_last), to_device(label, self.device),
+        return EvalBatch(finish(image, self.options.dtype, self.channels_last), to_device(label, self.device),
                          to_device(index, self.device))
 
     def __iter__(self) -> Iterator[EvalBatch]:

@@ -24,17 +24,15 @@ import itertools
 import random
 import tarfile
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images
-from mopro_fast.data.epochs import EpochPlan, check_loader_args
 from mopro_fast.data.errors import ShardError, damaged, reason
-from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import (TAG_BUFFER, TAG_VIEWS, Piece, batches_of_worker, buffer_shuffle, eval_window,
                                     mix_seed, pieces, shard_order, train_window)
 from mopro_fast.data.views import eval_view, two_views
@@ -184,46 +182,22 @@ class _EvalShare(IterableDataset):
 
 
 def _data_loader(dataset: IterableDataset, workers: int, device: torch.device, prefetch: int) -> DataLoader:
+    """`prefetch` batches ahead per rank, spread over the workers (DataLoader counts per worker)."""
     # batch_size=None: workers already yield whole batches (stacked in place, no collate copy).
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=prefetch if workers else None)
+                      prefetch_factor=max(1, -(-prefetch // workers)) if workers else None)
 
 
-class TorchTrainLoader(EpochPlan):
-    """Training batches (`Batch`) of one rank: exactly `steps_per_epoch` per epoch on every rank.
-
-    Call `set_epoch(epoch)` (or `set_epoch(epoch, start_step=k)` to resume mid-epoch) before
-    iterating; an iteration yields the batches of steps start_step..steps_per_epoch-1 of that
-    epoch. `set_resolution` takes effect at the next iteration (the next epoch). Shard and sample
-    assignment: mopro_fast.data.stream; determinism: this module's docstring.
-    `shuffle_buffer` samples of raw JPEG bytes are held per worker.
+class TorchTrainLoader(TrainLoaderBase):
+    """Training batches (`Batch`) of one rank (base.TrainLoaderBase). Shard and sample assignment:
+    mopro_fast.data.stream; determinism: this module's docstring. `workers` = DataLoader
+    processes (0: the main process); `shuffle_buffer` samples of raw JPEG bytes are held per worker.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, workers: int,
-                 shuffle_buffer: int, seed: int, rank: int, world_size: int, device: torch.device | str,
-                 channels_last: bool = True, steps_per_epoch: int | None = None, prefetch: int = 2,
-                 hw_decoder_load: float = 0.0):
-        # hw_decoder_load: a GPU-decoder knob of other backends; nothing to offload here.
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        self.prefetch = prefetch
-        infos = read_manifest(shards).shards(split)
-        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
-        self.num_samples = sum(self._sizes)
-        if self.num_samples == 0:
-            raise ValueError(f"split {split!r} of {shards} has no samples")
-        self.batch_size, self.workers, self.shuffle_buffer, self.seed = batch_size, workers, shuffle_buffer, seed
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last = channels_last
-        self._plan_epochs(self.num_samples, batch_size, world_size, steps_per_epoch)
-        self.resolution = resolution
+    exact_resume = True
+    resolution_without_rebuild = True
 
-    def set_resolution(self, resolution: int) -> None:
-        """The crop size of the views from the next iteration on (progressive resizing)."""
-        if resolution < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        self.resolution = resolution
-
-    def __iter__(self) -> Iterator[Batch]:
+    def _iterate(self, debug: bool) -> Iterator[tuple[Batch, None]]:
         start = self.start_step
         dataset = _TrainEpoch(self._paths, self._sizes, self.batch_size, self.resolution, self._steps,
                               self.shuffle_buffer, self.seed, self.epoch, self.rank, self.world_size,
@@ -234,38 +208,19 @@ class TorchTrainLoader(EpochPlan):
                 raise RuntimeError(f"loader produced step {step} where step {expected} was due")
             yield Batch(finish_images(view_q, self.device, self.channels_last),
                         finish_images(view_k, self.device, self.channels_last),
-                        label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+                        label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)), None
             expected += 1
         if expected != self._steps:
             raise RuntimeError(f"loader stopped after step {expected - 1} of {self._steps}")
 
 
-class TorchEvalLoader:
-    """Eval batches (`EvalBatch`) of one rank: its disjoint share of the split, in a fixed order.
-
-    Over all ranks every sample appears exactly once (no padding, no duplicates); ranks may get
-    different batch counts, so the evaluator must sum counts with an all-reduce. The view is
+class TorchEvalLoader(EvalLoaderBase):
+    """Eval batches (`EvalBatch`) of one rank (base.EvalLoaderBase), in manifest order. The view is
     `views.eval_view(resize, resolution)`, normalised like the training views.
     """
 
-    def __init__(self, shards: Path | str, split: str, batch_size: int, resolution: int, resize: int, workers: int,
-                 rank: int, world_size: int, device: torch.device | str, channels_last: bool = True,
-                 prefetch: int = 2, hw_decoder_load: float = 0.0):
-        check_loader_args(batch_size, resolution, workers, rank, world_size)
-        self.prefetch = prefetch
-        if resize < resolution:
-            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
-        infos = read_manifest(shards).shards(split)
-        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
-        self.num_samples = sum(self._sizes)
-        self.batch_size, self.resolution, self.resize, self.workers = batch_size, resolution, resize, workers
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.channels_last = channels_last
-
     def __len__(self) -> int:
-        W = max(self.workers, 1)
-        return sum(-(-(e - s) // self.batch_size)
-                   for s, e in (eval_window(self.num_samples, self.rank, self.world_size, W, w) for w in range(W)))
+        return eval_batches(self.num_samples, self.batch_size, self.rank, self.world_size, self.workers)
 
     def __iter__(self) -> Iterator[EvalBatch]:
         if self.num_samples == 0:
@@ -275,6 +230,12 @@ class TorchEvalLoader:
         for image, label, index in _data_loader(dataset, self.workers, self.device, self.prefetch):
             yield EvalBatch(finish_images(image, self.device, self.channels_last),
                             label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+
+
+def eval_batches(num_samples: int, batch_size: int, rank: int, world_size: int, workers: int) -> int:
+    """Batches of one rank's eval share when each of `workers` readers batches its own sub-window."""
+    W = max(workers, 1)
+    return sum(-(-(e - s) // batch_size) for s, e in (eval_window(num_samples, rank, world_size, W, w) for w in range(W)))
 
 
 # The names the backend factory (mopro_fast.data.build_*_loader) looks up.
