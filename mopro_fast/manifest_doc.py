@@ -21,7 +21,7 @@ class ShardEntry:
     file: str  # the .tar, relative to OUT
     index: str  # its .idx, relative to OUT
     samples: int
-    bytes: int
+    bytes: int | None  # None in manifests of versions before the loaders checked sizes
     sha256: str
     index_sha256: str
 
@@ -63,7 +63,7 @@ class SplitSummary:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> SplitSummary:
         values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name != "beton"}
-        values["shards"] = [ShardEntry(**s) for s in raw["shards"]]
+        values["shards"] = [ShardEntry(**{"bytes": None, **s}) for s in raw["shards"]]  # (older: no bytes)
         return cls(**values, beton=BetonEntry(**raw["beton"]) if "beton" in raw else None)
 
     def __getitem__(self, key: str) -> Any:

@@ -53,15 +53,16 @@ class LoaderSpec:
 
 def loader_spec(cfg: Any, rank: int, world_size: int, device: torch.device | str) -> LoaderSpec:
     """The spec of a run's config (trainer, eval, clean, cRT: the same helper)."""
-    ld = cfg.loader
-    return LoaderSpec(shards=Path(cfg.data.shards), batch_size=ld.batch_size, workers=ld.workers,
-                      prefetch=ld.prefetch, rank=rank, world_size=world_size, device=torch.device(device),
-                      channels_last=cfg.run.channels_last, seed=cfg.run.seed, shuffle_buffer=ld.shuffle_buffer)
+    return LoaderSpec(shards=Path(cfg.data.shards), batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
+                      prefetch=cfg.loader.prefetch, rank=rank, world_size=world_size, device=torch.device(device),
+                      channels_last=cfg.run.channels_last, seed=cfg.run.seed,
+                      shuffle_buffer=cfg.loader.shuffle_buffer)
 
 
 def backend_options(cfg: Any, backend: str) -> Any:
     """The recipe's `loader.<backend>` section (None when the backend has none)."""
-    return getattr(cfg.loader, backend, None)
+    sections = {"dali": cfg.loader.dali}  # the backends with a recipe section of their own
+    return sections.get(backend)
 
 
 class _Shared:
