@@ -30,6 +30,7 @@ from mopro_fast.checkpoint import (CheckpointError, checkpoint_name, code_versio
 from mopro_fast.config import Config, Derived, derive, lr_at, mopro_switches, resolution_at
 from mopro_fast.data import backend_options, build_eval_loader, build_train_loader, loader_spec
 from mopro_fast.data.manifest import ManifestError, read_manifest
+from mopro_fast.errors import MoproError
 from mopro_fast.evaluate import evaluate
 from mopro_fast.interrupt import Every, StopRequest, TrainingInterrupted
 from mopro_fast.model import MoProNet
@@ -42,8 +43,10 @@ from mopro_fast.step import mopro_step
 from mopro_fast.truth import truth_by_index
 
 
-class TrainingStopped(RuntimeError):
-    """The loss went NaN/inf; nothing new was saved (one-line message for the CLI)."""
+class TrainingStopped(MoproError, RuntimeError):
+    """The loss went NaN/inf; nothing new was saved (one-line message, exit code 3)."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -186,7 +189,7 @@ def _claim(run_dir: Path, resume: str | None, overwrite_run: bool) -> RunFolder:
                     print(f"--overwrite-run: removed the earlier run in {run_dir} ({len(removed)} files)", flush=True)
             elif resume is None:
                 folder.refuse_new_run_over_old()
-        except (OutputError, RunFolderError) as exc:
+        except MoproError as exc:  # OutputError (run.out unusable), RunFolderError (in use, holds a run)
             folder.release()
             error = exc
     message = dist.broadcast_error(None if error is None else str(error))
