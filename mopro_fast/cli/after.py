@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
+from mopro_fast import RECIPES
 from mopro_fast.errors import fail
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def need_file(path: Path, what: str = "checkpoint file") -> None:

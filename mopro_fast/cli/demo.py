@@ -19,7 +19,9 @@ from pathlib import Path
 
 import click
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_cpu.yaml"
+from mopro_fast import RECIPES
+
+RECIPE = RECIPES / "demo_cpu.yaml"
 # The demo's data: 60 training images per class, 40 % of the labels flipped to another class and
 # 10 % out-of-distribution images (a regime where cross-entropy fits the noise; see the recipe).
 DEMO_PER_CLASS, DEMO_NOISE, DEMO_OOD = 60, 0.4, 0.1
