@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from mopro_fast.errors import MoproError
 from data_tools.convert_config import DEFAULTS as _D, recipe_of, validate_convert
 from mopro_fast.config import ConfigError
 from mopro_fast.safe_io import OutputError, describe, discard, temp_name
@@ -46,7 +47,7 @@ FIELDS_DOC = {"image": "RGBImageField: JPEG (mode 0) or raw uint8 H x W x 3 (mod
 _MODE_JPG, _MODE_RAW = 0, 1  # ffcv.fields.rgb_image.IMAGE_MODES
 
 
-class BetonError(Exception):
+class BetonError(MoproError):
     """The .beton cannot be written as asked; one line."""
 
 

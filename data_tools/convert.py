@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from mopro_fast.errors import MoproError
 from data_tools import ffcv_stage, workers as pool
 from data_tools.accounting import SplitLost, check_kept, check_present, split_summary
 from data_tools.beton import FIELDS_DOC, PAGE_SIZE, BetonError, BetonSettings
@@ -58,7 +59,7 @@ __all__ = ["BETON_STATE", "FORMAT", "MANIFEST", "WORK", "ConvertError", "Convert
 OUTPUT_FORMATS = {"wds": ("wds",), "ffcv": ("ffcv",), "both": ("wds", "ffcv")}  # --format -> what is written
 
 
-class ConvertError(Exception):
+class ConvertError(MoproError):
     """A problem the user must fix before converting; one line."""
 
 

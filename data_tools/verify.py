@@ -18,11 +18,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from mopro_fast.errors import MoproError
 from data_tools.convert import MANIFEST
 from data_tools.shards import FIELDS, build_index, read_samples, sha256_file
 
 
-class VerifyError(Exception):
+class VerifyError(MoproError):
     """OUT is not a conversion at all (no readable manifest); one line."""
 
 

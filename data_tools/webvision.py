@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mopro_fast.errors import MoproError
+
 SOURCES = ("google", "flickr")
 SUBSETS = ("webvision", "mini")
 MINI_CLASSES = 50  # mini-WebVision: the Google half, classes 0-49
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
 
-class ListingError(Exception):
+class ListingError(MoproError):
     """A listing problem the user must fix; the message is one line: where, what, what to do."""
 
 

@@ -20,13 +20,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mopro_fast.errors import MoproError
 from mopro_fast.safe_io import atomic_write, free_bytes
 
 PATTERN = re.compile(r"ckpt-e(\d+)-s(\d+)\.pt$")
 REQUIRED = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "config")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoproError, ValueError):
     """A checkpoint that cannot be used for what was asked; the message is one line."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mopro_fast.errors import MoproError
 from mopro_fast import dist
 from mopro_fast.losses import prototype_logits
 from mopro_fast.noise import correct_labels
@@ -43,7 +44,7 @@ STATUS = ("kept", "relabelled", "ood")
 LABELS_FILE, SUMMARY_FILE = "labels.jsonl", "summary.json"
 
 
-class CleanError(ValueError):
+class CleanError(MoproError, ValueError):
     """clean cannot run on this input; one line."""
 
 

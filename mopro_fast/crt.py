@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mopro_fast.errors import MoproError
 from mopro_fast.config import CrtConfig
 from mopro_fast.trained import Trained
 
 CKPT_NAME = "crt.pt"
 
 
-class CrtError(ValueError):
+class CrtError(MoproError, ValueError):
     """retrain cannot run on this input; one line."""
 
 

@@ -48,7 +48,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
     """
     from mopro_fast import runtime
     from mopro_fast.data import backend_options, build_eval_loader, loader_spec
-    from mopro_fast.data.manifest import read_manifest
+    from mopro_fast.data.manifest import ManifestError, read_manifest
     from mopro_fast.trained import load_trained
 
     dist.init_from_env()
@@ -56,7 +56,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
     cfg, net, device = trained.cfg, trained.net, trained.device
     manifest = read_manifest(Path(cfg.data.shards))
     if manifest.num_classes != trained.num_classes:
-        raise ValueError(f"{cfg.data.shards} has {manifest.num_classes} classes, the checkpoint's classifier "
+        raise ManifestError(f"{cfg.data.shards} has {manifest.num_classes} classes, the checkpoint's classifier "
                          f"{trained.num_classes}: wrong shards (set data.shards=...)")
     results = {}
     for split in splits or [s for s in cfg.data.eval_splits if s in manifest.splits]:

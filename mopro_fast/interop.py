@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mopro_fast.errors import MoproError
 from mopro_fast.checkpoint import CheckpointError
 
 # (bottleneck?, blocks per stage) -> torchvision arch name
@@ -44,7 +45,7 @@ _HEADS = {"classifier.": "classifier.", "fc1.": "projection.0.", "fc2.": "projec
 _TRUNK = re.compile(r"(conv1|bn1|layer[1-4])\.")
 
 
-class InteropError(ValueError):
+class InteropError(MoproError, ValueError):
     """A checkpoint that cannot be exported or imported as asked; one line."""
 
 

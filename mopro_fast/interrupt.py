@@ -14,15 +14,13 @@ import signal
 import threading
 import time
 
+from mopro_fast.errors import Interrupted
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class TrainingInterrupted(Exception):
-    """The run stopped on a signal after saving; `code` is the exit code (130 SIGINT, 143 SIGTERM)."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
+class TrainingInterrupted(Interrupted):
+    """The run stopped on a signal after saving; `exit_code` is 130 (SIGINT) or 143 (SIGTERM)."""
 
 
 class StopRequest:

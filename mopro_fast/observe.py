@@ -112,6 +112,16 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def last_epoch_noise(run_dir: Path) -> dict:
+    """Noise metrics averaged over the last epoch's training log (the model's final behaviour)."""
+    train = [r for r in read_log(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"]
+    if not train:
+        return {}
+    last = [r for r in train if r["epoch"] == train[-1]["epoch"]]
+    keys = ("frac_relabelled", "frac_ood", "noise_precision", "noise_recall")
+    return {k: sum(r[k] for r in last) / len(last) for k in keys if k in last[0]}
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """PNG plots of the curves in RUN/metrics.jsonl: loss, accuracy, relabelled/OOD fractions."""
     import matplotlib

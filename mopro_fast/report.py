@@ -18,6 +18,7 @@ import io
 import json
 from pathlib import Path
 
+from mopro_fast.errors import MoproError
 from mopro_fast.observe import plot_run
 from mopro_fast.safe_io import output_dir
 from mopro_fast.trained import write_outputs
@@ -25,7 +26,7 @@ from mopro_fast.trained import write_outputs
 THUMB = 96  # px, longer side of a gallery thumbnail
 
 
-class ReportError(ValueError):
+class ReportError(MoproError, ValueError):
     """The run folder cannot be reported on; one line."""
 
 

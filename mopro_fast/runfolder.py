@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mopro_fast.errors import MoproError
 from mopro_fast.checkpoint import PATTERN, list_checkpoints
 from mopro_fast.safe_io import OutputError, atomic_write_text, output_dir
 
@@ -30,7 +31,7 @@ RUN_FILES = ("config.yaml", "derived.json", LOG, "summary.json", "loss.png", "ac
 RUN_DIRS = ("tb", "ranks")
 
 
-class RunFolderError(Exception):
+class RunFolderError(MoproError):
     """The run folder cannot be used as asked (in use, or holds another run); one line."""
 
 

@@ -15,8 +15,10 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from mopro_fast.errors import MoproError
 
-class OutputError(Exception):
+
+class OutputError(MoproError):
     """An output that cannot be written (full disk, read-only, not a folder); the message is one line."""
 
 

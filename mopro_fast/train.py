@@ -25,25 +25,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mopro_fast import dist, runtime
-from mopro_fast.checkpoint import (CheckpointError, checkpoint_name, code_version, find_resumable, load_checkpoint,
-                                   rng_state, save_checkpoint, set_rng_state)
+from mopro_fast.checkpoint import checkpoint_name, code_version, rng_state, save_checkpoint
 from mopro_fast.config import Config, Derived, derive, lr_at, mopro_switches, resolution_at
 from mopro_fast.data import backend_options, build_eval_loader, build_train_loader, loader_spec
 from mopro_fast.data.manifest import ManifestError, read_manifest
+from mopro_fast.errors import MoproError
 from mopro_fast.evaluate import evaluate
 from mopro_fast.interrupt import Every, StopRequest, TrainingInterrupted
 from mopro_fast.model import MoProNet
 from mopro_fast.mopro import MoPro
-from mopro_fast.observe import LogWindow, RunLog, plot_run
+from mopro_fast.observe import LogWindow, RunLog, last_epoch_noise, plot_run
 from mopro_fast.progress import Progress
+from mopro_fast.resume import apply_resume, find_resume, finished_note, init_from
 from mopro_fast.runfolder import RunFolder, RunFolderError
 from mopro_fast.safe_io import OutputError, atomic_write_text, describe
 from mopro_fast.step import mopro_step
 from mopro_fast.truth import truth_by_index
 
 
-class TrainingStopped(RuntimeError):
-    """The loss went NaN/inf; nothing new was saved (one-line message for the CLI)."""
+class TrainingStopped(MoproError, RuntimeError):
+    """The loss went NaN/inf; nothing new was saved (one-line message, exit code 3)."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -186,7 +189,7 @@ def _claim(run_dir: Path, resume: str | None, overwrite_run: bool) -> RunFolder:
                     print(f"--overwrite-run: removed the earlier run in {run_dir} ({len(removed)} files)", flush=True)
             elif resume is None:
                 folder.refuse_new_run_over_old()
-        except (OutputError, RunFolderError) as exc:
+        except MoproError as exc:  # OutputError (run.out unusable), RunFolderError (in use, holds a run)
             folder.release()
             error = exc
     message = dist.broadcast_error(None if error is None else str(error))
@@ -206,14 +209,15 @@ def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None)
     manifest = read_manifest(Path(cfg.data.shards))
     eval_splits = _eval_splits(cfg, manifest)
     derived = derive(cfg, world, manifest.num_written(cfg.data.train_split), manifest_classes=manifest.num_classes)
-    found = _find_resume(resume, folder.path, device)
+    found = find_resume(resume, folder.path, device)
     if found is not None and found[1]["epoch"] >= cfg.schedule.epochs:
-        return _already_finished(cfg, folder.path, *found)  # before anything is written
+        return finished_note(cfg, folder.path, *found)  # before anything is written
 
     run = Run(cfg, derived, folder, device, world,
               *build_model(cfg, derived.num_classes, derived.lr, device, world, init), Position())
     if found is not None:
-        run.pos = _apply_resume(*found, run)  # (a checkpoint that does not fit fails here, nothing written yet)
+        # (a checkpoint that does not fit fails here, before anything is written)
+        run.pos = Position(*apply_resume(*found, cfg, run.mopro, run.optimizer, run.scaler))
     if dist.is_main():
         if resume:
             folder.truncate_log(run.pos.global_step)  # the replayed steps are logged again, once
@@ -333,7 +337,7 @@ def _finish(run: Run, results: dict, batches_per_epoch: list[int], stats: dict) 
         {"rank": dist.rank(), "world_size": run.world, "steps_per_epoch": run.derived.steps_per_epoch,
          "batches_per_epoch": batches_per_epoch}) + "\n")
     if dist.is_main():
-        summary["noise"] = _last_noise_metrics(run_dir)
+        summary["noise"] = last_epoch_noise(run_dir)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         summary["plots"] = [str(p) for p in plot_run(run_dir)]
     dist.barrier()
@@ -380,90 +384,3 @@ def _interrupted(run: Run, stop: StopRequest) -> TrainingInterrupted:
     return TrainingInterrupted(f"stopped by {stop.name} at epoch {pos.epoch} step {pos.global_step} after saving "
                                f"{run.folder.path / checkpoint_name(pos.epoch, pos.global_step)}; continue with "
                                f"--resume auto", stop.exit_code)
-
-
-def init_from(path: Path, mopro: MoPro) -> str:
-    """Start from the model weights of a checkpoint (e.g. one made by `mopro-fast import`): every
-    tensor whose name and shape match is copied; the others (a classifier and prototypes for another
-    class count, a queue of another length) keep their fresh values. Optimiser, schedule and RNG
-    start fresh. Returns a one-line note of what was taken."""
-    model = load_checkpoint(path)["model"]
-    own = mopro.state_dict()
-    taken = {k: v for k, v in model.items() if k in own and own[k].shape == v.shape}
-    if not any(k.startswith("query.encoder.") for k in taken):
-        raise CheckpointError(f"--init {path.name}: none of its encoder weights fit model.arch / model.small_stem "
-                              f"of this recipe")
-    mopro.load_state_dict(taken, strict=False)  # copies in place: the flat EMA buffers stay intact
-    fresh = sorted(set(own) - set(taken))
-    return (f"initialised from {path} ({len(taken)} tensors)"
-            + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
-
-
-def _find_resume(resume: str | None, run_dir: Path, device) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from (`auto`: the newest usable one in the run folder), or None."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = find_resumable(run_dir, map_location=device,
-                               warn=lambda line: print(line, file=sys.stderr, flush=True) if dist.is_main() else None)
-        if found is None and dist.is_main():
-            print(f"resume auto: no usable checkpoint in {run_dir}; starting from scratch", flush=True)
-        return found
-    path = Path(resume)
-    return path, load_checkpoint(path, map_location=device)
-
-
-def _already_finished(cfg: Config, run_dir: Path, path: Path, state: dict) -> dict:
-    if dist.is_main():
-        print(f"{path} is the end of this run (epoch {state['epoch']} of {cfg.schedule.epochs}): nothing to do, "
-              f"{run_dir} is left as it was (raise schedule.epochs to train on)", flush=True)
-    return {"finished": str(path), "epoch": state["epoch"], "global_step": state["global_step"]}
-
-
-def _apply_resume(path: Path, state: dict, run: Run) -> Position:
-    if state.get("optimizer") is None:
-        raise CheckpointError(f"{path}: holds weights only (imported?), nothing to resume; use --init {path}")
-    try:
-        run.mopro.load_state_dict(state["model"])
-    except RuntimeError:
-        raise CheckpointError(_misfit(path, state, run)) from None
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    if dist.is_main():
-        print(f"resumed from {path} (epoch {state['epoch']}, step {state['global_step']})", flush=True)
-    return Position(state["epoch"], state["step_in_epoch"], state["global_step"])
-
-
-def _misfit(path: Path, state: dict, run: Run) -> str:
-    """One line: which tensor of the checkpoint does not fit the recipe's model, and which keys differ."""
-    own = run.mopro.state_dict()
-    theirs = state["model"]
-    shape = next(((k, tuple(v.shape), tuple(own[k].shape)) for k, v in theirs.items()
-                  if k in own and tuple(v.shape) != tuple(own[k].shape)), None)
-    if shape is not None:
-        what = f"tensor {shape[0]} is {list(shape[1])} in the checkpoint but {list(shape[2])} here"
-    else:
-        odd = sorted(set(theirs) ^ set(own))
-        what = f"tensor {odd[0]} is {'only in the checkpoint' if odd[0] in theirs else 'missing from it'}"
-    old, new = state.get("config") or {}, run.cfg.to_dict()
-    keys = [f"{sec}.{k} {old[sec][k]} -> {v}" for sec in ("model", "mopro", "data") for k, v in new[sec].items()
-            if k in ("num_classes", "queue_size") or sec == "model"
-            if isinstance(old.get(sec), dict) and k in old[sec] and old[sec][k] != v]
-    differ = f"; recipe keys that differ: {', '.join(keys)}" if keys else ""
-    return (f"{path} does not fit this recipe's model: {what}{differ}; resume with the recipe it was trained "
-            f"with, or start a new run from its weights with --init")
-
-
-def _last_noise_metrics(run_dir: Path) -> dict:
-    from mopro_fast.observe import read_log
-
-    """Noise metrics averaged over the last epoch's training log (the model's final behaviour)."""
-    train = [r for r in read_log(run_dir / "metrics.jsonl") if r["kind"] == "train"]
-    if not train:
-        return {}
-    last = [r for r in train if r["epoch"] == train[-1]["epoch"]]
-    keys = ("frac_relabelled", "frac_ood", "noise_precision", "noise_recall")
-    return {k: sum(r[k] for r in last) / len(last) for k in keys if k in last[0]}
-
-

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from mopro_fast.errors import MoproError
+
 OOD = -1
 UNKNOWN = -2
 
 
-class TruthError(ValueError):
+class TruthError(MoproError, ValueError):
     """data.truth cannot be used; the message is one line naming the file."""
 
 

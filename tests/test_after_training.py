@@ -312,7 +312,7 @@ def original_layout(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_import_of_the_original_layout_gives_the_same_logits(ckpt: Path, data, run: Path, tmp_path: Path) -> None:
     from mopro_fast.mopro import MoPro
     from mopro_fast.trained import load_trained
-    from mopro_fast.train import init_from
+    from mopro_fast.resume import init_from
 
     ours = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
     original = tmp_path / "MoPro_epoch90.pth.tar"

@@ -25,10 +25,11 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from mopro_fast.errors import MoproError
 from mopro_fast.config.schema import Config, CrtRecipe
 
 
-class ConfigError(ValueError):
+class ConfigError(MoproError, ValueError):
     """A bad recipe or override; the message is one line: `dotted.key: problem`."""
 
     def __init__(self, message: str) -> None:

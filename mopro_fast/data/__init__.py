@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mopro_fast.errors import MoproError
 from mopro_fast.data.base import LoaderSpec, backend_options, loader_spec
 from mopro_fast.data.batch import Batch, EvalBatch
 from mopro_fast.data.options import make_options, option_names
@@ -28,7 +29,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(MoproError, RuntimeError):
     """The loader backend asked for cannot be used here; the message says what to install."""
 
 

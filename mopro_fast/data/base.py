@@ -28,8 +28,13 @@ import torch
 
 from mopro_fast.data.batch import Batch, EvalBatch
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
+from mopro_fast.errors import MoproError
 from mopro_fast.data.manifest import read_manifest
 
+
+
+class LoaderError(MoproError, ValueError):
+    """Loader arguments that cannot work (an empty split, a resize below the crop); one line."""
 
 @dataclass(frozen=True)
 class LoaderSpec:
@@ -73,7 +78,7 @@ class _Shared:
     def _setup(self, spec: LoaderSpec, split: str, resolution: int, options: Any) -> None:
         check_loader_args(spec.batch_size, resolution, spec.workers, spec.rank, spec.world_size)
         if spec.prefetch < 0:
-            raise ValueError(f"need prefetch >= 0, got {spec.prefetch}")
+            raise LoaderError(f"need prefetch >= 0, got {spec.prefetch}")
         self.spec, self.split, self.resolution = spec, split, resolution
         self.batch_size, self.workers, self.prefetch = spec.batch_size, spec.workers, spec.prefetch
         self.rank, self.world_size, self.device = spec.rank, spec.world_size, spec.device
@@ -108,13 +113,13 @@ class TrainLoaderBase(_Shared, EpochPlan):
                  options: Any = None):
         self._setup(spec, split, resolution, options)
         if self.num_samples == 0:
-            raise ValueError(f"split {split!r} of {spec.shards} has no samples")
+            raise LoaderError(f"split {split!r} of {spec.shards} has no samples")
         self._plan_epochs(self.num_samples, spec.batch_size, spec.world_size, steps_per_epoch)
 
     def set_resolution(self, resolution: int) -> None:
         """The crop size of the views from the next iteration on (progressive resizing)."""
         if resolution < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
+            raise LoaderError(f"resolution must be positive, got {resolution}")
         if resolution != self.resolution:
             self.resolution = resolution
             self._resolution_changed()
@@ -142,7 +147,7 @@ class EvalLoaderBase(_Shared):
 
     def __init__(self, spec: LoaderSpec, split: str, resolution: int, resize: int, options: Any = None):
         if resize < resolution:
-            raise ValueError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
+            raise LoaderError(f"eval resize ({resize}) must be at least the eval resolution ({resolution})")
         self.resize = resize
         self._setup(spec, split, resolution, options)
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mopro_fast.errors import MoproError
+
 _MARK = "ShardError: "
 
 
-class ShardError(Exception):
+class ShardError(MoproError):
     """A shard or .beton that cannot be read; the message is one line naming it and what to do."""
 
     def __init__(self, message: str) -> None:

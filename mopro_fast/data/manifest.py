@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mopro_fast.errors import MoproError
 from mopro_fast.data.errors import check_size
 from mopro_fast.manifest_doc import BetonEntry, ManifestDoc, ShardEntry, SplitSummary
 
@@ -23,7 +24,7 @@ __all__ = ["MANIFEST", "BetonEntry", "Manifest", "ManifestDoc", "ManifestError",
 MANIFEST = "manifest.json"
 
 
-class ManifestError(Exception):
+class ManifestError(MoproError):
     """The shards folder cannot be used as it is; one line saying why."""
 
 

@@ -1,6 +1,7 @@
-"""Click commands for the data tools: `make-fixture`, `convert`, `verify`.
+"""Click commands for the data tools (data_tools/): `make-fixture`, `convert`, `verify`.
 
-Every user error ends in one line on stderr and exit code 2 (click's own usage errors do too).
+Every user error is a MoproError, printed by the `mopro-fast` group as one line on stderr with
+exit code 2 (click's own usage errors exit 2 too).
 """
 
 from __future__ import annotations
@@ -16,12 +17,8 @@ from typing import Iterator
 import click
 from click.core import ParameterSource
 
+from mopro_fast.errors import Interrupted, fail
 from data_tools.convert_config import DEFAULTS as D, OPTIONS, ConvertRecipe, load_convert_config
-
-
-def fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 @click.command("make-fixture")
@@ -69,7 +66,7 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
     try:
         spec.validate()
         summary = build(out, spec, progress=sys.stderr.isatty())
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, FileExistsError) as exc:  # the fixture's own checks (data_tools stays click-free)
         fail(str(exc))
     click.echo(json.dumps(summary.to_dict(), indent=1, default=str))
 
@@ -152,7 +149,7 @@ def convert(ctx: click.Context, src: Path, out: Path, config_file: Path | None, 
       - A full disk, or a split of which every record is rejected (e.g. a wrong --val-dir), ends in
         one line and exit code 2 with no manifest.json written; the same command resumes later.
     """
-    from data_tools.convert import ConvertError, convert as run
+    from data_tools.convert import convert as run
 
     recipe = _convert_settings(ctx, config_file, options)
     if not src.exists():
@@ -162,11 +159,10 @@ def convert(ctx: click.Context, src: Path, out: Path, config_file: Path | None, 
             manifest = run(src, out, recipe.settings(), workers=recipe.run.workers or os.cpu_count(),
                            overwrite=overwrite, progress=True, progress_seconds=recipe.run.progress_seconds,
                            fmt=recipe.run.format, beton=recipe.beton())
-        except ConvertError as exc:
-            fail(str(exc))
         except KeyboardInterrupt:
             what = "terminated (SIGTERM)" if terminated else "interrupted"
-            fail(f"{what}; re-run the same command to resume", code=143 if terminated else 130)
+            raise Interrupted(f"error: {what}; re-run the same command to resume",
+                              143 if terminated else 130) from None
     for name, split in manifest["splits"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in split["rejected_by_reason"].items()) or "none"
         parts = [f"{len(split['shards'])} shard(s)"] if split["shards"] or "beton" not in split else []
@@ -229,12 +225,9 @@ def verify(out: Path, no_decode: bool, progress_seconds: float) -> None:
     Checks sizes, sha256, sample counts, fields, labels, DALI index files, and that every image
     decodes. Exit 0 only if everything holds; problems are listed on stderr.
     """
-    from data_tools.verify import VerifyError, verify as run
+    from data_tools.verify import verify as run
 
-    try:
-        report = run(out, decode=not no_decode, progress=True, progress_seconds=progress_seconds)
-    except VerifyError as exc:
-        fail(str(exc))
+    report = run(out, decode=not no_decode, progress=True, progress_seconds=progress_seconds)
     for problem in report.problems[:50]:
         click.echo(f"  {problem}", err=True)
     if len(report.problems) > 50:

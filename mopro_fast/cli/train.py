@@ -1,9 +1,9 @@
-"""`mopro-fast train RECIPE [section.key=value ...]`: the click front of `mopro_fast.train`."""
+"""`mopro-fast train RECIPE [section.key=value ...]` and `mopro-fast eval CKPT`: click fronts of
+`mopro_fast.train` and `mopro_fast.evaluate` (errors: one line each, by the group in cli/__init__)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -50,16 +50,13 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
     output (full disk, read-only), 3 stopped on a NaN/inf loss (nothing saved), 130 / 143
     stopped by SIGINT / SIGTERM after saving a checkpoint.
     """
-    from mopro_fast.config import ConfigError, load_config
+    from mopro_fast import dist
+    from mopro_fast.config import load_config
+    from mopro_fast.errors import Interrupted, fail
+    from mopro_fast.safe_io import OutputError, describe
+    from mopro_fast.train import train
 
-    def fail(message: str, code: int = 2) -> None:
-        click.echo(f"error: {message}", err=True)
-        sys.exit(code)
-
-    try:
-        cfg = load_config(recipe, list(overrides))
-    except ConfigError as exc:
-        fail(str(exc))
+    cfg = load_config(recipe, list(overrides))
     if resume and init:
         fail("--resume and --init exclude each other: --resume continues a run, --init starts a new one from weights")
     if resume and overwrite_run:
@@ -67,35 +64,15 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
              "--overwrite-run replaces it")
     if init is not None and not init.is_file():
         fail(f"--init {init}: no such checkpoint file")
-    from mopro_fast.checkpoint import CheckpointError
-    from mopro_fast.data import BackendUnavailable
-    from mopro_fast.data.errors import ShardError
-    from mopro_fast.data.manifest import ManifestError
-    from mopro_fast.interrupt import TrainingInterrupted
-    from mopro_fast.runfolder import RunFolderError
-    from mopro_fast.safe_io import OutputError, describe
-    from mopro_fast.train import TrainingStopped, train
-    from mopro_fast.truth import TruthError
-
     try:
         summary = train(cfg, resume=resume, progress=not no_progress, init=str(init) if init else None,
                         overwrite_run=overwrite_run)
-    except (ConfigError, BackendUnavailable, ManifestError, TruthError, CheckpointError, RunFolderError,
-            OutputError, ShardError) as exc:
-        fail(str(exc))
     except OSError as exc:  # an I/O failure outside our own writers (e.g. a shard unreadable mid-run)
-        fail(describe(exc, Path(exc.filename or cfg.run.out), what="use"))
-    except TrainingStopped as exc:
-        fail(str(exc), code=3)
-    except TrainingInterrupted as exc:  # not an error: the run stopped where it was asked to, and saved
-        click.echo(str(exc), err=True)
-        sys.exit(exc.code)
-    except KeyboardInterrupt:
-        fail(f"interrupted before a checkpoint could be saved; continue with --resume auto (run folder "
-             f"{cfg.run.out})", code=130)
+        raise OutputError(describe(exc, Path(exc.filename or cfg.run.out), what="use")) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
+        raise Interrupted(f"interrupted before a checkpoint could be saved; continue with --resume auto "
+                          f"(run folder {cfg.run.out})", 130) from None
     finally:
-        from mopro_fast import dist
-
         dist.destroy()
     if "finished" in summary:
         return  # a finished run resumed: the line saying so is printed, nothing else changed
@@ -115,19 +92,10 @@ def eval_command(checkpoint: Path, overrides: tuple[str, ...], splits: tuple[str
     Runs under torchrun too; the result does not depend on the number of ranks.
     """
     from mopro_fast import dist
-    from mopro_fast.config import ConfigError
-    from mopro_fast.data import BackendUnavailable
-    from mopro_fast.data.errors import ShardError
-    from mopro_fast.data.manifest import ManifestError
+    from mopro_fast.cli.after import need_file
     from mopro_fast.evaluate import evaluate_checkpoint
 
-    from mopro_fast.after_cli import _need_file
-
-    _need_file(checkpoint)  # one line for a missing file or a run folder (naming its newest checkpoint)
-    try:
-        result = evaluate_checkpoint(checkpoint, list(overrides), list(splits) or None)
-    except (ConfigError, BackendUnavailable, ManifestError, ValueError, ShardError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    need_file(checkpoint)  # one line for a missing file or a run folder (naming its newest checkpoint)
+    result = evaluate_checkpoint(checkpoint, list(overrides), list(splits) or None)
     if dist.is_main():
         click.echo(json.dumps(result, indent=1))

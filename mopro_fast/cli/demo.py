@@ -19,7 +19,9 @@ from pathlib import Path
 
 import click
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_cpu.yaml"
+from mopro_fast import RECIPES
+
+RECIPE = RECIPES / "demo_cpu.yaml"
 # The demo's data: 60 training images per class, 40 % of the labels flipped to another class and
 # 10 % out-of-distribution images (a regime where cross-entropy fits the noise; see the recipe).
 DEMO_PER_CLASS, DEMO_NOISE, DEMO_OOD = 60, 0.4, 0.1
@@ -37,12 +39,10 @@ DEMO_PER_CLASS, DEMO_NOISE, DEMO_OOD = 60, 0.4, 0.1
 @click.option("--seed", default=0, show_default=True, help="Seed of the built-in data set.")
 def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None:
     """Built-in data -> shards -> verify -> train MoPro (and the CE baseline) -> summary."""
-    from data_tools.convert import ConvertError, ConvertSettings, convert
+    from data_tools.convert import ConvertSettings, convert
     from data_tools.fixture import FixtureSpec, make_fixture
     from data_tools.verify import verify
-    from mopro_fast.config import ConfigError, load_config
-    from mopro_fast.runfolder import RunFolderError
-    from mopro_fast.safe_io import OutputError
+    from mopro_fast.config import load_config
     from mopro_fast.train import train
 
     progress = sys.stderr.isatty()
@@ -59,12 +59,9 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
     else:
         click.echo(f"[1/{steps}] built-in data set already at {fixture}")
     click.echo(f"[2/{steps}] converting to shards in {shards} and verifying them ...")
-    try:
-        manifest = convert(fixture, shards, ConvertSettings(imagenet_val=str(fixture / "imagenet_val"), shard_size=200),
-                           workers=os.cpu_count(), overwrite=True, progress=progress)
-    except ConvertError as exc:
-        raise click.ClickException(str(exc)) from None
-    report = verify(shards, progress=progress)
+    manifest = convert(fixture, shards, ConvertSettings(imagenet_val=str(fixture / "imagenet_val"), shard_size=200),
+                       workers=os.cpu_count(), overwrite=True, progress=True)  # (errors: one line, by the group)
+    report = verify(shards, progress=True)
     click.echo("  " + report.summary(shards))
     if not report.ok:
         sys.exit(1)
@@ -80,16 +77,10 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
         run_dir = runs / f"demo-{name}"
         click.echo(f"[{i}/{steps}] training {'MoPro' if name == 'mopro' else 'the cross-entropy baseline'} "
                    f"({recipe.name}) into {run_dir} ...")
-        try:
-            cfg = load_config(recipe, [*common, f"run.out={run_dir}", *extra])
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
+        cfg = load_config(recipe, [*common, f"run.out={run_dir}", *extra])
         # A demo always trains from scratch: the earlier demo run's files are replaced (and a run
         # still writing there is refused by the run folder's lock).
-        try:
-            results[name] = train(cfg, overwrite_run=True)
-        except (RunFolderError, OutputError) as exc:
-            raise click.ClickException(str(exc)) from None
+        results[name] = train(cfg, overwrite_run=True)
 
     click.echo(f"[{steps}/{steps}] summary")
     summary = {name: {"val": r["eval"].get("val"), "imagenet-val": r["eval"].get("imagenet-val"),

@@ -1,7 +1,8 @@
 """After training: `mopro-fast clean`, `retrain`, `export`, `import` and `report` (click fronts).
 
-Each command turns bad input (a missing or corrupt checkpoint, shards that do not match, a labels
-file from other data, an unknown key) into one line on stderr and exit code 2.
+Bad input (a missing or corrupt checkpoint, shards that do not match, a labels file from other
+data, an unknown key) raises a MoproError, which the `mopro-fast` group prints as one line with
+exit code 2.
 """
 
 from __future__ import annotations
@@ -12,45 +13,24 @@ from pathlib import Path
 
 import click
 
+from mopro_fast import RECIPES
+from mopro_fast.errors import fail
+
 CONTEXT = {"help_option_names": ["-h", "--help"]}
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {' '.join(str(message).split())}", err=True)
-    sys.exit(code)
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input (one line, exit 2), imported only when a command runs."""
-    from mopro_fast.checkpoint import CheckpointError
-    from mopro_fast.clean import CleanError
-    from mopro_fast.config import ConfigError
-    from mopro_fast.crt import CrtError
-    from mopro_fast.data import BackendUnavailable
-    from mopro_fast.data.errors import ShardError
-    from mopro_fast.data.manifest import ManifestError
-    from mopro_fast.interop import InteropError
-    from mopro_fast.report import ReportError
-    from mopro_fast.safe_io import OutputError
-    from mopro_fast.truth import TruthError
-
-    return (CheckpointError, CleanError, ConfigError, CrtError, BackendUnavailable, ShardError, ManifestError,
-            InteropError, OutputError, ReportError, TruthError)
-
-
-def _need_file(path: Path, what: str = "checkpoint file") -> None:
+def need_file(path: Path, what: str = "checkpoint file") -> None:
     """One line, exit 2, unless `path` is a file; a run folder gets the name of its newest checkpoint."""
     if path.is_file():
         return
     if not path.is_dir():
-        _fail(f"{path}: no such {what}")
+        fail(f"{path}: no such {what}")
     from mopro_fast.checkpoint import list_checkpoints
 
     found = list_checkpoints(path)
     if found:
-        _fail(f"{path} is a folder, not a {what}; give one of its checkpoints, e.g. {found[0]}")
-    _fail(f"{path} is a folder with no checkpoints (ckpt-*.pt) in it; give a {what}")
+        fail(f"{path} is a folder, not a {what}; give one of its checkpoints, e.g. {found[0]}")
+    fail(f"{path} is a folder with no checkpoints (ckpt-*.pt) in it; give a {what}")
 
 
 def _write_state(output: Path, state: dict) -> None:
@@ -58,13 +38,10 @@ def _write_state(output: Path, state: dict) -> None:
     from mopro_fast.safe_io import OutputError, output_dir
     from mopro_fast.trained import torch_bytes, write_outputs
 
-    try:
-        if output.is_dir():
-            raise OutputError(f"{output} is a folder; give the path of the file to write")
-        output_dir(output.parent, f"the folder of {output.name}")
-        write_outputs(output.parent, {output.name: torch_bytes(state)})
-    except OutputError as exc:
-        _fail(str(exc))
+    if output.is_dir():
+        raise OutputError(f"{output} is a folder; give the path of the file to write")
+    output_dir(output.parent, f"the folder of {output.name}")
+    write_outputs(output.parent, {output.name: torch_bytes(state)})
 
 
 @click.command("clean", context_settings=CONTEXT)
@@ -94,12 +71,10 @@ def clean_command(checkpoint: Path, overrides: tuple[str, ...], shards: Path | N
     from mopro_fast import dist
     from mopro_fast.clean import clean
 
-    _need_file(checkpoint, "checkpoint file")
+    need_file(checkpoint, "checkpoint file")
     overrides = (*overrides, *([f"data.shards={shards}"] if shards else []))
     try:
         summary = clean(checkpoint, out, list(overrides), progress=not no_progress and sys.stderr.isatty())
-    except _expected_errors() as exc:
-        _fail(str(exc))
     finally:
         dist.destroy()
     if summary:
@@ -135,12 +110,8 @@ def retrain_command(checkpoint: Path, overrides: tuple[str, ...], labels: Path, 
     """
     from mopro_fast.crt import retrain
 
-    _need_file(checkpoint, "checkpoint file")
-    try:
-        summary = retrain(checkpoint, labels, recipe, out, list(overrides),
-                          progress=not no_progress and sys.stderr.isatty())
-    except _expected_errors() as exc:
-        _fail(str(exc))
+    need_file(checkpoint, "checkpoint file")
+    summary = retrain(checkpoint, labels, recipe, out, list(overrides), progress=not no_progress and sys.stderr.isatty())
     click.echo(json.dumps({k: summary[k] for k in ("out", "samples", "excluded", "eval", "seconds")}, indent=1))
 
 
@@ -165,13 +136,10 @@ def export_command(checkpoint: Path, output: Path, target: str, with_classifier:
     from mopro_fast.config import config_from_dict
     from mopro_fast.interop import torchvision_state_dict
 
-    _need_file(checkpoint, "checkpoint file")
-    try:
-        state = load_checkpoint(checkpoint)
-        cfg = config_from_dict(state["config"])
-        sd = torchvision_state_dict(state["model"], cfg.model.small_stem, with_classifier, network)
-    except _expected_errors() as exc:
-        _fail(str(exc))
+    need_file(checkpoint, "checkpoint file")
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    sd = torchvision_state_dict(state["model"], cfg.model.small_stem, with_classifier, network)
     _write_state(output, sd)
     classes = state["model"][f"{network}.classifier.weight"].shape[0]
     click.echo(json.dumps({"out": str(output), "layout": target, "arch": cfg.model.arch, "tensors": len(sd),
@@ -203,11 +171,8 @@ def import_command(source: Path, output: Path, overrides: tuple[str, ...], recip
     """
     from mopro_fast.interop import import_original
 
-    _need_file(source, "checkpoint file")
-    try:
-        state = import_original(source, recipe, list(overrides))
-    except _expected_errors() as exc:
-        _fail(str(exc))
+    need_file(source, "checkpoint file")
+    state = import_original(source, recipe, list(overrides))
     _write_state(output, state)
     click.echo(json.dumps({"out": str(output), **{k: v for k, v in state["imported_from"].items() if k != "path"}},
                           indent=1))
@@ -233,9 +198,6 @@ def report_command(run: Path, clean_dir: Path | None, run_clean: bool, gallery: 
     from mopro_fast.report import build_report
 
     if not run.is_dir():
-        _fail(f"{run}: no such run folder")
-    try:
-        path = build_report(run, clean_dir, gallery, run_clean, progress=sys.stderr.isatty())
-    except _expected_errors() as exc:
-        _fail(str(exc))
+        fail(f"{run}: no such run folder")
+    path = build_report(run, clean_dir, gallery, run_clean, progress=sys.stderr.isatty())
     click.echo(str(path))
