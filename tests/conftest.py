@@ -1,10 +1,12 @@
-"""Shared test fixtures: a small built-in data set (with planted broken files) and its shards.
+"""Shared test fixtures and helpers: small built-in data sets (one with planted broken files) and
+their shards, the tiny training recipe, the CLI runners and the one-line-error checks.
 
 Everything is real files in temporary folders: JPEGs written, converted, read back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -15,14 +17,86 @@ import pytest
 from data_tools.convert import ConvertSettings, convert
 from data_tools.fixture import FixtureSpec, make_fixture
 
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny_test.yaml"  # the few-second CPU training run; needs data.shards and run.out
+DEMO = REPO / "recipes" / "demo_cpu.yaml"
+
 SMALL = FixtureSpec(classes=6, train_per_class=30, val_per_class=6, imagenet_per_class=5, image_size=48,
                     seed=3, corrupt=True)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `mopro-fast ARGS` in a fresh interpreter, as a user would."""
+def run_cli(*args, cwd: Path | None = None, timeout: float = 600, threads: int | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
+    """Run `mopro-fast ARGS` in a fresh interpreter, as a user would (OMP_NUM_THREADS=threads if given)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return subprocess.run([sys.executable, "-m", "mopro_fast.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          text=True, timeout=timeout, env=env, **kwargs)
+
+
+def cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    """`run_cli` in the repository root (relative recipe paths as in the README)."""
+    return run_cli(*args, **{"cwd": REPO, **kwargs})
+
+
+def tiny_args(shards, out, epochs: int | None = None, **extra) -> list[str]:
+    """Overrides for `TINY`: the data, the run folder, `schedule.epochs` when given and `extra`
+    (dotted keys, passed as `**{"optim.lr": 1}`; None is written as null)."""
+    settings = {"data.shards": shards, "run.out": out,
+                **({} if epochs is None else {"schedule.epochs": epochs}), **extra}
+    return [f"{k}={'null' if v is None else v}" for k, v in settings.items()]
+
+
+def train(*args, recipe: Path = TINY, **kwargs) -> subprocess.CompletedProcess:
+    """`mopro-fast train RECIPE ARGS` (by default the tiny recipe) in the repository root."""
+    return cli("train", recipe, *args, **kwargs)
+
+
+def output_of(result) -> tuple[int, str]:
+    """(exit code, stderr) of a subprocess result, (exit code, output) of a click CliRunner result."""
+    if hasattr(result, "returncode"):
+        return result.returncode, result.stderr
+    return result.exit_code, result.output
+
+
+def one_line(result, code: int = 2, *words: str, prefix: str = "") -> str:
+    """Exit `code`, and stderr (CliRunner: its output) is one line, no traceback, starting with
+    `prefix` and holding every word; returns that line."""
+    got, err = output_of(result)
+    line = err.strip()
+    assert got == code, (got, err[-3000:])
+    assert line and line.count("\n") == 0 and "Traceback" not in err, err[-3000:]
+    assert line.startswith(prefix), (prefix, line)
+    for word in words:
+        assert word in line, (word, line)
+    return line
+
+
+def digest(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every file under `folder` but those named in `ignore` (relative path -> sha256): equal before
+    and after = untouched."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name not in ignore}
+
+
+@pytest.fixture(scope="session")
+def build_data(tmp_path_factory):
+    """A factory: (FixtureSpec, shard size[, ImageNet-val]) -> {"fixture", "shards", "truth"}, each
+    data set generated and converted once per session, however many files ask for it."""
+    built: dict[tuple, dict[str, Path]] = {}
+
+    def build(spec: FixtureSpec, shard_size: int, imagenet_val: bool = True) -> dict[str, Path]:
+        key = (spec, shard_size, imagenet_val)
+        if key not in built:
+            root = tmp_path_factory.mktemp("data")
+            make_fixture(root / "fixture", spec)
+            settings = ConvertSettings(shard_size=shard_size, **(
+                {"imagenet_val": str(root / "fixture" / "imagenet_val")} if imagenet_val else {}))
+            convert(root / "fixture", root / "shards", settings, workers=1, progress=False)
+            built[key] = {"fixture": root / "fixture", "shards": root / "shards",
+                          "truth": root / "fixture" / "truth.tsv"}
+        return built[key]
+
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -84,13 +158,7 @@ def eval_loader(shards: Path, backend: str, split: str, resolution: int = 32, re
 
 
 def demo_run(backend: str, shards: Path, fixture: Path, out: Path, epochs: int = 2) -> subprocess.CompletedProcess:
-    """`mopro-fast train recipes/demo_cpu.yaml` on the small data with `backend`, tiny settings."""
-    repo = Path(__file__).resolve().parents[1]
-    overrides = {"data.shards": shards, "data.truth": fixture / "truth.tsv", "run.out": out,
-                 "model.small_stem": "false", "model.proj_hidden": 64, "mopro.queue_size": 64,
-                 "loader.resolution": 32, "loader.eval_resize": 36, "loader.eval_resolution": 32,
-                 "loader.batch_size": 32, "loader.workers": 1, "loader.backend": backend, "schedule.epochs": epochs,
-                 "schedule.warmup_epochs": 0, "mopro.proto_start_epoch": 1, "mopro.start_clean_epoch": 1,
-                 "optim.lr": 0.05, "optim.base_batch": 32, "run.log_every": 2}
-    return run_cli("train", repo / "recipes" / "demo_cpu.yaml", *[f"{k}={v}" for k, v in overrides.items()],
-                   cwd=repo)
+    """`mopro-fast train recipes/tiny_test.yaml` on the small data with `backend` (log windows of 2
+    steps: the loss curves the backend tests compare are window means)."""
+    return train(*tiny_args(shards, out, epochs, **{"data.truth": fixture / "truth.tsv", "loader.backend": backend,
+                                                    "run.log_every": 2}))

@@ -20,54 +20,43 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from data_tools.convert import ConvertSettings, convert
-from data_tools.fixture import FixtureSpec, make_fixture
+from data_tools.fixture import FixtureSpec
 from mopro_fast.checkpoint import list_checkpoints
+from tests.conftest import DEMO, REPO, TINY, one_line, run_cli, tiny_args
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "recipes" / "demo_cpu.yaml"
 NOISE, OOD = 0.3, 0.1
 CLASSES, PER_CLASS = 6, 50
+DATA = FixtureSpec(classes=CLASSES, train_per_class=PER_CLASS, val_per_class=10, imagenet_per_class=5, image_size=32,
+                   seed=11, noise=NOISE, ood=OOD)
 
 
 def cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mopro_fast.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return run_cli(*args, cwd=REPO, timeout=timeout, threads=2)
 
 
-def one_line_error(result) -> bool:
-    err = result.stderr if hasattr(result, "stderr") and isinstance(result.stderr, str) else result.output
-    return err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err
+def one_line_error(result, *words: str) -> str:
+    """Exit 2 and one `error: ...` line on stderr (CliRunner: in its output) holding every word."""
+    return one_line(result, 2, *words, prefix="error: ")
 
 
 def run_settings(data: dict[str, Path], out: Path, epochs: int) -> list[str]:
-    """The demo recipe cut down to 300 images at 32 px: 14 epochs of 9 steps, the prototype loss
-    from epoch 2 and noise correction from epoch 7 (half way, once the classifier is decent)."""
-    settings = {"data.shards": data["shards"], "data.truth": data["truth"], "run.out": out,
-                "model.proj_hidden": 64, "mopro.queue_size": 128, "loader.resolution": 32,
-                "loader.eval_resize": 36, "loader.eval_resolution": 32, "loader.batch_size": 32,
-                "loader.workers": 0, "schedule.epochs": epochs, "schedule.warmup_epochs": 1,
-                "mopro.proto_start_epoch": 2, "mopro.start_clean_epoch": epochs // 2, "optim.lr": 0.1,
-                "optim.base_batch": 64, "run.log_every": 5, "run.eval_every": 100, "run.tensorboard": "false",
-                "run.keep_last": 1}
-    return [f"{k}={v}" for k, v in settings.items()]
+    """The tiny recipe on 300 images at 32 px, longer: 14 epochs of 9 steps, a warm-up epoch, the
+    prototype loss from epoch 2 and noise correction from epoch 7 (half way, once the classifier is
+    decent), one evaluation at the end and one checkpoint kept."""
+    return tiny_args(data["shards"], out, epochs, **{
+        "data.truth": data["truth"], "schedule.warmup_epochs": 1, "mopro.proto_start_epoch": 2,
+        "mopro.start_clean_epoch": epochs // 2, "run.eval_every": 100, "run.keep_last": 1})
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("after-data")
-    make_fixture(root / "fixture", FixtureSpec(classes=CLASSES, train_per_class=PER_CLASS, val_per_class=10,
-                                               imagenet_per_class=5, image_size=32, seed=11, noise=NOISE, ood=OOD))
-    convert(root / "fixture", root / "shards",
-            ConvertSettings(shard_size=100, imagenet_val=str(root / "fixture" / "imagenet_val")),
-            workers=1, progress=False)
-    return {"shards": root / "shards", "truth": root / "fixture" / "truth.tsv"}
+def data(build_data) -> dict[str, Path]:
+    return build_data(DATA, shard_size=100)
 
 
 @pytest.fixture(scope="session")
 def run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("after-run") / "run"
-    result = cli("train", DEMO, *run_settings(data, out, epochs=14), "--no-progress")
+    result = cli("train", TINY, *run_settings(data, out, epochs=14), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -176,8 +165,7 @@ def test_clean_bad_input_is_one_line(ckpt: Path, tmp_path: Path) -> None:
                         ([str(ckpt), "loader.batch_sise=3"], "did you mean loader.batch_size"),
                         ([str(ce)], "no prototypes")):
         result = runner.invoke(main, ["clean", *args])
-        assert result.exit_code == 2, (args, result.output)
-        assert words in result.output and one_line_error(result), result.output
+        one_line_error(result, words)
 
 
 # ---- retrain (cRT) ------------------------------------------------------------------------------
@@ -247,8 +235,7 @@ def test_retrain_refuses_labels_from_other_data(ckpt: Path, cleaned: Path, tmp_p
     for labels, words in ((other, "other shards"), (bad_label, "label 99"), (garbage, "labels.jsonl:1"),
                           (tmp_path / "none", "no such labels file")):
         result = runner.invoke(main, ["retrain", str(ckpt), "--labels", str(labels), "--no-progress"])
-        assert result.exit_code == 2, (labels, result.output)
-        assert words in result.output and one_line_error(result), result.output
+        one_line_error(result, words)
     under_torchrun = runner.invoke(main, ["retrain", str(ckpt), "--labels", str(cleaned)], env={"WORLD_SIZE": "2"})
     assert under_torchrun.exit_code == 2 and "one process" in under_torchrun.output, under_torchrun.output
 
@@ -283,7 +270,7 @@ def test_export_refuses_the_small_stem(ckpt: Path, tmp_path: Path) -> None:
     small = tmp_path / "small.pt"
     torch.save(state, small)
     result = CliRunner().invoke(main, ["export", str(small), str(tmp_path / "out.pt")])
-    assert result.exit_code == 2 and "small_stem" in result.output and one_line_error(result), result.output
+    one_line_error(result, "small_stem")
     assert not (tmp_path / "out.pt").exists()
 
 
@@ -319,7 +306,7 @@ def test_import_of_the_original_layout_gives_the_same_logits(ckpt: Path, data, r
     torch.save({"epoch": 90, "arch": "resnet18", "state_dict": original_layout(ours), "optimizer": {}}, original)
     imported = tmp_path / "imported.pt"
     settings = run_settings(data, tmp_path / "ft", epochs=14)
-    result = cli("import", original, imported, "--recipe", DEMO, *settings)
+    result = cli("import", original, imported, "--recipe", TINY, *settings)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["arch"] == "resnet18"
 
@@ -361,7 +348,7 @@ def test_import_refuses_what_is_not_the_original_layout(ckpt: Path, tmp_path: Pa
     torch.save({"epoch": 1}, plain)
     for src, words in ((stray, "'something_else'"), (plain, "no state_dict"), (ckpt, "already a mopro-fast checkpoint")):
         result = runner.invoke(main, ["import", str(src), str(tmp_path / "x.pt"), "--recipe", str(DEMO)])
-        assert result.exit_code == 2 and words in result.output and one_line_error(result), result.output
+        one_line_error(result, words)
 
 
 # ---- report -------------------------------------------------------------------------------------

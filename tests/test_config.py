@@ -19,6 +19,20 @@ RECIPES = sorted(p for p in (Path(__file__).resolve().parent.parent / "recipes")
 DEMO = next(p for p in RECIPES if p.name == "demo_cpu.yaml")
 RN50_8 = next(p for p in RECIPES if p.name == "rn50_8gpu.yaml")
 RN50_1 = next(p for p in RECIPES if p.name == "rn50_1gpu.yaml")
+TINY = next(p for p in RECIPES if p.name == "tiny_test.yaml")
+
+
+def required(recipe: Path) -> list[str]:
+    """Overrides for the required keys a recipe leaves unset (tiny_test.yaml: the tests pass them)."""
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    return [f"{section}.{key}={value}" for section, key, value in (("data", "shards", "s"), ("run", "out", "o"))
+            if key not in (raw.get(section) or {})]
+
+
+def load_recipe(recipe: Path, overrides: list[str] = ()) -> Config:
+    return load_config(recipe, [*required(recipe), *overrides])
 
 
 def error(recipe: Path | str, overrides: list[str] = ()) -> str:
@@ -38,14 +52,15 @@ def write(tmp_path: Path, text: str) -> Path:
 # ---- recipes ------------------------------------------------------------------------------------
 
 def test_all_recipes_present():
-    assert {p.name for p in RECIPES} >= {"rn50_8gpu.yaml", "rn50_1gpu.yaml", "mini_webvision.yaml", "demo_cpu.yaml"}
+    assert {p.name for p in RECIPES} >= {"rn50_8gpu.yaml", "rn50_1gpu.yaml", "mini_webvision.yaml", "demo_cpu.yaml",
+                                         "tiny_test.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads_and_sets_nothing_ignored(recipe):
     import yaml
 
-    cfg = load_config(recipe, [])
+    cfg = load_recipe(recipe)
     raw = yaml.safe_load(recipe.read_text())
     assert recipe.read_text().startswith("#"), "a recipe starts with a comment saying what it is for"
     assert len(recipe.read_text().splitlines()) <= 45
@@ -74,6 +89,22 @@ def test_demo_recipe():
     assert (cfg.data.shards, cfg.data.truth, cfg.run.out) == ("demo/shards", "demo/fixture/truth.tsv", "runs/demo")
     assert cfg.schedule.kind == "cosine" and cfg.schedule.warmup_epochs > 0
     assert 0 < cfg.mopro.start_clean_epoch < cfg.schedule.epochs
+
+
+def test_tiny_test_recipe():
+    """What the tests' runs rely on (tests/conftest.py: TINY): the data and the run folder come from
+    the test, a 2-epoch run reaches the prototype loss and cleaning, runs are reproducible."""
+    assert error(TINY).startswith("data.shards: missing")
+    assert error(TINY, ["data.shards=s"]).startswith("run.out: missing")
+    cfg = load_recipe(TINY)
+    assert (cfg.model.arch, cfg.loader.backend, cfg.run.precision) == ("resnet18", "torch", "fp32")
+    assert (cfg.loader.resolution, cfg.loader.batch_size, cfg.model.proj_hidden, cfg.mopro.queue_size) == \
+        (32, 32, 64, 128)
+    assert cfg.mopro.queue_size % (2 * cfg.loader.batch_size) == 0  # the tests' 2-rank runs
+    assert cfg.data.truth is None and cfg.run.deterministic and not cfg.run.tensorboard
+    assert (cfg.run.log_every, cfg.run.eval_every) == (1, 1)
+    assert cfg.mopro.proto_start_epoch <= cfg.mopro.start_clean_epoch < cfg.schedule.epochs == 2
+    assert derive(cfg, world_size=1, num_train=96).steps_per_epoch == 3
 
 
 # ---- overrides ----------------------------------------------------------------------------------
@@ -308,7 +339,7 @@ def test_resolution_is_constant_by_default():
     assert loader.min_resolution is None
     assert {resolution_at(loader, e) for e in range(0, 90)} == {224}
     for recipe in RECIPES:  # every recipe keeps its constant crop size
-        cfg = load_config(recipe, [])
+        cfg = load_recipe(recipe)
         assert resolution_at(cfg.loader, 0) == resolution_at(cfg.loader, cfg.schedule.epochs - 1) == cfg.loader.resolution
 
 
@@ -364,7 +395,7 @@ def test_choices_are_literal_types():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_resolved_config_round_trips(recipe, tmp_path):
-    cfg = load_config(recipe, ["optim.lr=0.2", "run.compile=true", "data.truth=t.tsv"])
+    cfg = load_recipe(recipe, ["optim.lr=0.2", "run.compile=true", "data.truth=t.tsv"])
     saved = tmp_path / "config.yaml"
     saved.write_text(cfg.to_yaml())
     again = load_config(saved, [])

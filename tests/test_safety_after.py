@@ -8,59 +8,32 @@ changed (folders hashed before and after). Damage is always done to a copy of th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import eval_loader, train_loader
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "recipes" / "demo_cpu.yaml"
-TINY = {"model.small_stem": "false", "model.proj_hidden": 64, "mopro.queue_size": 128, "loader.resolution": 32,
-        "loader.eval_resize": 36, "loader.eval_resolution": 32, "loader.batch_size": 32, "loader.workers": 1,
-        "schedule.epochs": 1, "schedule.warmup_epochs": 0, "mopro.proto_start_epoch": 0,
-        "mopro.start_clean_epoch": 0, "optim.base_batch": 32, "run.eval_every": 1, "run.tensorboard": "false",
-        "data.truth": ""}
+from tests.conftest import DEMO, REPO, TINY, digest, eval_loader, one_line, run_cli, tiny_args, train_loader
 
 
 def cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mopro_fast.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_cli(*args, cwd=REPO, timeout=timeout, threads=1)
 
 
-def settings(**extra) -> list[str]:
-    return [f"{k}={v}" for k, v in {**TINY, **extra}.items()]
-
-
-def one_line(err: str) -> str:
-    """The stderr of a failed command: exactly one `error:` line, no traceback."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
-    return lines[0]
+def train(shards: Path, out: Path, **extra) -> subprocess.CompletedProcess:
+    """One epoch of the tiny recipe with the prototype loss and noise cleaning from the start (the run
+    feeds clean, retrain and report)."""
+    return cli("train", TINY, *tiny_args(shards, out, 1, **{"mopro.proto_start_epoch": 0,
+                                                            "mopro.start_clean_epoch": 0, **extra}), "--no-progress")
 
 
 def failed(result, *words: str) -> str:
-    """Exit 2 and one line holding every word; works for subprocess results and CliRunner results."""
-    code = result.returncode if hasattr(result, "returncode") else result.exit_code
-    err = result.stderr if isinstance(getattr(result, "stderr", None), str) else result.output
-    assert code == 2, (code, err[-3000:])
-    line = one_line(err)
-    for word in words:
-        assert word in line, (word, line)
-    return line
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (relative path -> sha256): equal before and after = untouched."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """Exit 2 and one `error: ...` line holding every word; works for subprocess results and CliRunner results."""
+    return one_line(result, 2, *words, prefix="error: ")
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -116,11 +89,10 @@ def test_a_zeroed_jpeg_stops_training_with_one_line(backend: str, zeroed, tmp_pa
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     shards, shard, key = zeroed
-    before = tree(shards)
-    result = cli("train", DEMO, *settings(**{"data.shards": shards, "loader.backend": backend,
-                                             "run.out": tmp_path / "run"}), "--no-progress")
+    before = digest(shards)
+    result = train(shards, tmp_path / "run", **{"loader.backend": backend})
     failed(result, "damaged shard", "does not decode", str(shard), key, f"mopro-fast verify {shards}")
-    assert tree(shards) == before
+    assert digest(shards) == before
 
 
 def test_a_truncated_tar_is_named_before_training_starts(small_shards: Path, tmp_path: Path) -> None:
@@ -129,7 +101,7 @@ def test_a_truncated_tar_is_named_before_training_starts(small_shards: Path, tmp
 
     shard = read_manifest(shards).shards("train")[2].path
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    result = cli("train", DEMO, *settings(**{"data.shards": shards, "run.out": tmp_path / "run"}), "--no-progress")
+    result = train(shards, tmp_path / "run")
     failed(result, str(shard), "truncated", f"mopro-fast verify {shards}")
 
 
@@ -161,8 +133,7 @@ def test_a_damaged_beton_stops_training_and_eval_with_one_line(ffcv_shards: Path
 
     shards = copy_shards(ffcv_shards, tmp_path / "shards")
     index = zero_beton_jpeg(shards / "train.beton")
-    result = cli("train", DEMO, *settings(**{"data.shards": shards, "loader.backend": "ffcv",
-                                             "run.out": tmp_path / "run"}), "--no-progress")
+    result = train(shards, tmp_path / "run", **{"loader.backend": "ffcv"})
     failed(result, str(shards / "train.beton"), f"sample index {index}", "does not decode", "mopro-fast verify")
     index = zero_beton_jpeg(shards / "val.beton")  # eval (and clean) read EvalDecoder's status row
     loader = eval_loader(shards, "ffcv", "val", resolution=16, resize=18, batch_size=8)
@@ -178,7 +149,7 @@ def test_a_damaged_beton_stops_training_and_eval_with_one_line(ffcv_shards: Path
 @pytest.fixture(scope="module")
 def run(small_shards: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("safety-run") / "run"
-    result = cli("train", DEMO, *settings(**{"data.shards": small_shards, "run.out": out}), "--no-progress")
+    result = train(small_shards, out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -219,10 +190,10 @@ def test_clean_and_eval_on_damaged_shards_are_one_line(ckpt: Path, zeroed, small
 def test_report_with_another_runs_folder_leaves_it_untouched(run: Path, tmp_path: Path) -> None:
     other = tmp_path / "other-run"
     shutil.copytree(run, other)
-    before, run_before = tree(other), tree(run)
+    before, run_before = digest(other), digest(run)
     result = cli("report", run, "--clean", other)
     failed(result, "--clean", str(other), "labels.jsonl")
-    assert tree(other) == before and tree(run) == run_before  # nothing written anywhere
+    assert digest(other) == before and digest(run) == run_before  # nothing written anywhere
 
 
 def test_report_writes_only_its_report_folder(run: Path, cleaned: Path, tmp_path: Path) -> None:
@@ -230,13 +201,13 @@ def test_report_writes_only_its_report_folder(run: Path, cleaned: Path, tmp_path
     shutil.copytree(run, copy)
     for name in ("loss.png", "accuracy.png", "noise.png"):
         (copy / name).unlink(missing_ok=True)  # the curves are drawn again, but not into RUN
-    before, clean_before = tree(copy), tree(cleaned)
+    before, clean_before = digest(copy), digest(cleaned)
     result = CliRunner().invoke(main(), ["report", str(copy), "--clean", str(cleaned), "--gallery", "2"])
     assert result.exit_code == 0, result.output
-    after = tree(copy)
+    after = digest(copy)
     assert {k: v for k, v in after.items() if not k.startswith("report/")} == before
     assert {"report/report.html", "report/noise_epochs.png", "report/class_counts.png"} <= set(after)
-    assert tree(cleaned) == clean_before
+    assert digest(cleaned) == clean_before
 
 
 # ----------------------------------------------------------------------------------- bad input

@@ -7,7 +7,6 @@ Every case runs the real CLI in a fresh interpreter on real shards and checks th
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -20,59 +19,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools.convert import ConvertSettings, convert
-from data_tools.fixture import FixtureSpec, make_fixture
+from data_tools.fixture import FixtureSpec
 from mopro_fast.checkpoint import PATTERN, list_checkpoints
 from mopro_fast.observe import read_log
+from tests.conftest import REPO, TINY, digest as digest_files, one_line, tiny_args
+from tests.conftest import train as train_tiny
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "demo_cpu.yaml"
+# 96 training images of 4 classes at 32 px: 3 steps per epoch at batch 32; no ImageNet-val split
+DATA = FixtureSpec(classes=4, train_per_class=24, val_per_class=4, imagenet_per_class=0, image_size=32, seed=5)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("safety-data")
-    make_fixture(root / "fixture", FixtureSpec(classes=4, train_per_class=24, val_per_class=4, imagenet_per_class=0,
-                                               image_size=32, seed=5))
-    convert(root / "fixture", root / "shards", ConvertSettings(shard_size=50), workers=1, progress=False)
-    return {"shards": root / "shards", "truth": root / "fixture" / "truth.tsv"}
+def data(build_data) -> dict[str, Path]:
+    return build_data(DATA, shard_size=50, imagenet_val=False)
 
 
 def tiny(data: dict[str, Path], out: Path, epochs: int = 2, **extra) -> list[str]:
-    """A run of 3 steps per epoch on 96 images at 32 px (seconds per epoch on a CPU)."""
-    settings = {"data.shards": data["shards"], "data.truth": "null", "run.out": out, "model.small_stem": "false",
-                "model.proj_hidden": 32, "mopro.queue_size": 64, "loader.resolution": 32, "loader.eval_resize": 32,
-                "loader.eval_resolution": 32, "loader.batch_size": 32, "loader.workers": 1,
-                "schedule.epochs": epochs, "schedule.warmup_epochs": 0, "mopro.proto_start_epoch": 1,
-                "mopro.start_clean_epoch": 1, "optim.lr": 0.05, "optim.base_batch": 32, "run.log_every": 1,
-                "run.eval_every": 1, "run.tensorboard": "false", "run.deterministic": "true",
-                "data.eval_splits": "[val]", **extra}
-    return [f"{k}={v}" for k, v in settings.items()]
+    """The tiny recipe on this data (seconds per epoch), evaluated on val only: the data set has no
+    ImageNet-val split, and its note would be a second stderr line."""
+    return tiny_args(data["shards"], out, epochs, **{"data.eval_splits": "[val]", **extra})
 
 
 def train(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mopro_fast.cli", "train", str(RECIPE), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs)
+    return train_tiny(*args, timeout=timeout, **kwargs)
 
 
 def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mopro_fast.cli", "train", str(RECIPE), *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "mopro_fast.cli", "train", str(TINY), *map(str, args)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def one_line(result: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    err = result.stderr.strip()
-    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr and err.count("\n") == 0, result.stderr[-3000:]
-    for word in words:
-        assert word in err, (word, err)
-    return err
 
 
 def digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (the lock file's content is the last holder's pid)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return digest_files(folder, ignore=(".lock",))
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -252,7 +231,7 @@ def test_resume_with_another_model_width_names_the_tensor_and_the_key(data, refe
     shutil.copytree(reference, run)
     before = digest(run)
     one_line(train(*tiny(data, run, epochs=3, **{"model.proj_hidden": 48}), "--resume", "auto"), 2,
-             "does not fit", "query.projection.0.weight", "[32, 512]", "[48, 512]", "model.proj_hidden 32 -> 48")
+             "does not fit", "query.projection.0.weight", "[64, 512]", "[48, 512]", "model.proj_hidden 64 -> 48")
     assert digest(run) == before  # config.yaml of the old run not replaced
 
 
