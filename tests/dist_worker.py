@@ -22,11 +22,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mopro_fast import dist
-from mopro_fast.model import MoProNet
-from mopro_fast.mopro import MoPro
-from mopro_fast.prototypes import Prototypes
-from mopro_fast.queue import InstanceQueue
-from mopro_fast.step import mopro_step
+from mopro_fast.core.model import MoProNet
+from mopro_fast.core.mopro import MoPro
+from mopro_fast.core.prototypes import Prototypes
+from mopro_fast.core.queue import InstanceQueue
+from mopro_fast.core.step import mopro_step
 
 WORLD = 2
 LOCAL_BATCH = 4

@@ -21,7 +21,7 @@ import torchvision
 from click.testing import CliRunner
 
 from data_tools.fixture import FixtureSpec
-from mopro_fast.checkpoint import list_checkpoints
+from mopro_fast.training.checkpoint import list_checkpoints
 from tests.conftest import DEMO, REPO, TINY, one_line, run_cli, tiny_args
 
 NOISE, OOD = 0.3, 0.1
@@ -112,9 +112,9 @@ def test_clean_finds_the_planted_noise_better_than_chance(cleaned: Path, data) -
 def test_clean_applies_the_training_rule(cleaned: Path, ckpt: Path) -> None:
     """An independent pass (eval view -> logits, prototype logits -> noise.correct_labels) agrees."""
     from mopro_fast.data import build_eval_loader
-    from mopro_fast.losses import prototype_logits
-    from mopro_fast.noise import correct_labels
-    from mopro_fast.trained import load_trained
+    from mopro_fast.core.losses import prototype_logits
+    from mopro_fast.core.noise import correct_labels
+    from mopro_fast.after.trained import load_trained
 
     trained = load_trained(ckpt)
     cfg = trained.cfg
@@ -183,7 +183,7 @@ def test_crt_recipe_is_the_papers() -> None:
 
 def test_class_balanced_sampling_and_schedule() -> None:
     from mopro_fast.config import CrtConfig
-    from mopro_fast.crt import balanced_weights, lr_at_epoch
+    from mopro_fast.after.crt import balanced_weights, lr_at_epoch
 
     labels = torch.tensor([0] * 400 + [1] * 100 + [2] * 25)  # class sizes 400, 100, 25
     w = balanced_weights(labels, 3, 0.5)
@@ -243,7 +243,7 @@ def test_retrain_refuses_labels_from_other_data(ckpt: Path, cleaned: Path, tmp_p
 # ---- export / import ----------------------------------------------------------------------------
 
 def test_export_loads_into_torchvision_with_the_same_features(ckpt: Path, tmp_path: Path) -> None:
-    from mopro_fast.trained import load_trained
+    from mopro_fast.after.trained import load_trained
 
     net = load_trained(ckpt).net
     x = torch.randn(4, 3, 64, 64)
@@ -297,9 +297,9 @@ def original_layout(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_import_of_the_original_layout_gives_the_same_logits(ckpt: Path, data, run: Path, tmp_path: Path) -> None:
-    from mopro_fast.mopro import MoPro
-    from mopro_fast.trained import load_trained
-    from mopro_fast.resume import init_from
+    from mopro_fast.core.mopro import MoPro
+    from mopro_fast.after.trained import load_trained
+    from mopro_fast.training.resume import init_from
 
     ours = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
     original = tmp_path / "MoPro_epoch90.pth.tar"
@@ -325,7 +325,7 @@ def test_import_of_the_original_layout_gives_the_same_logits(ckpt: Path, data, r
         assert r["top1"] == pytest.approx(final[split]["top1"])
 
     # Fine-tuning starts from it (train --init): same weights, fresh classifier for another class count.
-    from mopro_fast.model import MoProNet
+    from mopro_fast.core.model import MoProNet
 
     same = MoPro(MoProNet(CLASSES, "resnet18", 128, 64), CLASSES, 128, 128)
     assert "fresh" not in init_from(imported, same)

@@ -40,14 +40,14 @@ def test_kit_times_paths_in_interleaved_rounds() -> None:
 
 def test_bench_arch_choices_are_the_model_archs() -> None:
     from mopro_fast.bench.kit import ArchChoice
-    from mopro_fast.model import ARCHS
+    from mopro_fast.core.model import ARCHS
 
     assert ArchChoice().choices == ARCHS
 
 
 def test_bench_step_builds_and_steps_with_the_trainer_functions(monkeypatch) -> None:
     """Both paths of `bench step` come from `train.build_model` and run `train.train_step`."""
-    from mopro_fast import train
+    from mopro_fast.training import train
     from mopro_fast.bench.step import run_step_bench
 
     built, stepped = [], []

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import dist_worker as W
-from mopro_fast.prototypes import Prototypes
-from mopro_fast.queue import InstanceQueue
+from mopro_fast.core.prototypes import Prototypes
+from mopro_fast.core.queue import InstanceQueue
 
 REPO = Path(__file__).resolve().parents[1]
 

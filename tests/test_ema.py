@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from mopro_fast.ema import (
+from mopro_fast.core.ema import (
     FlatParameters,
     cosine_momentum,
     ema_update,
     ema_update_flat,
     ema_update_reference,
 )
-from mopro_fast.model import MoProNet
-from mopro_fast.mopro import MoPro
+from mopro_fast.core.model import MoProNet
+from mopro_fast.core.mopro import MoPro
 
 
 def small_net(dtype=torch.float32) -> nn.Module:

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 
-from mopro_fast.data import views
-from mopro_fast.data.gpu_augment import (BRIGHTNESS, CONTRAST, HUE, IDENTITY, SATURATION, adjust_hue, color_jitter,
+from mopro_fast.views import cpu as views
+from mopro_fast.views.augment import (BRIGHTNESS, CONTRAST, HUE, IDENTITY, SATURATION, adjust_hue, color_jitter,
                                          random_grayscale, stage_ops)
-from mopro_fast.data.gpu_views import (Crops, eval_view_batch, pad_batch, resized_crops, sample_crops,
+from mopro_fast.views.gpu import (Crops, eval_view_batch, pad_batch, resized_crops, sample_crops,
                                        two_views_batch)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")

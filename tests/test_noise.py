@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mopro_fast.noise import correct_labels
+from mopro_fast.core.noise import correct_labels
 
 NEG = float("-inf")
 K = 4

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mopro_fast.noise import correct_labels
-from mopro_fast.prototypes import Prototypes, prototype_update, prototype_update_reference
+from mopro_fast.core.noise import correct_labels
+from mopro_fast.core.prototypes import Prototypes, prototype_update, prototype_update_reference
 
 
 def literal_loop(protos, z, labels, kept, m):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mopro_fast.queue import InstanceQueue
+from mopro_fast.core.queue import InstanceQueue
 
 
 class LiteralRing:

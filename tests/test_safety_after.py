@@ -156,7 +156,7 @@ def run(small_shards: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt(run: Path) -> Path:
-    from mopro_fast.checkpoint import list_checkpoints
+    from mopro_fast.training.checkpoint import list_checkpoints
 
     return list_checkpoints(run)[0]
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from data_tools.fixture import FixtureSpec
-from mopro_fast.checkpoint import PATTERN, list_checkpoints
-from mopro_fast.observe import read_log
+from mopro_fast.training.checkpoint import PATTERN, list_checkpoints
+from mopro_fast.training.observe import read_log
 from tests.conftest import REPO, TINY, digest as digest_files, one_line, tiny_args
 from tests.conftest import train as train_tiny
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from dist_worker import TinyNet  # tests/ helper: a BN-free network with MoPro's interface
-from mopro_fast.losses import instance_loss, masked_cross_entropy, prototype_logits
-from mopro_fast.model import MoProNet
-from mopro_fast.mopro import MoPro
-from mopro_fast.step import mopro_step, noise_detection
+from mopro_fast.core.losses import instance_loss, masked_cross_entropy, prototype_logits
+from mopro_fast.core.model import MoProNet
+from mopro_fast.core.mopro import MoPro
+from mopro_fast.core.step import mopro_step, noise_detection
 
 CLASSES = 10
 

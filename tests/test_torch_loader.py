@@ -25,7 +25,7 @@ from mopro_fast.data.batch import denormalize_to_uint8_range
 from mopro_fast.data.manifest import ManifestError, read_manifest
 from mopro_fast.data.stream import eval_window, pieces, shard_order, train_window
 from mopro_fast.data.torch_loader import TorchTrainLoader, decode
-from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, apply_view, eval_size, eval_view, two_views
+from mopro_fast.views.cpu import CROP_RATIO, CROP_SCALE, apply_view, eval_size, eval_view, two_views
 
 RES = 32
 # torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; the loader uses it on purpose.

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from data_tools.fixture import FixtureSpec
-from mopro_fast.checkpoint import find_resumable, list_checkpoints
-from mopro_fast.observe import read_log
+from mopro_fast.training.checkpoint import find_resumable, list_checkpoints
+from mopro_fast.training.observe import read_log
 from tests.conftest import REPO, TINY, cli, one_line, tiny_args, train
 
 # 400 training images of 8 classes at 48 px: 12 steps per epoch at batch 32, 6 on 2 ranks

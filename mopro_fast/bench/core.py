@@ -53,7 +53,7 @@ def run_proto_bench(batch: int = 2048, classes: int = 1000, dim: int = 128, kept
     import torch
     import torch.nn.functional as F
 
-    from mopro_fast.prototypes import prototype_update, prototype_update_reference
+    from mopro_fast.core.prototypes import prototype_update, prototype_update_reference
 
     dev = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
@@ -125,8 +125,8 @@ def run_ema_bench(arch: str = "resnet50", classes: int = 1000, dim: int = 128, m
 
     import torch
 
-    from mopro_fast.ema import FlatParameters, ema_update, ema_update_flat, ema_update_reference
-    from mopro_fast.model import MoProNet
+    from mopro_fast.core.ema import FlatParameters, ema_update, ema_update_flat, ema_update_reference
+    from mopro_fast.core.model import MoProNet
 
     dev = resolve_device(device)
     torch.manual_seed(seed)

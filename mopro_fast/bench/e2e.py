@@ -1,7 +1,7 @@
 """`mopro-fast bench e2e`: real MoPro training steps from shards, loader and step together.
 
 What a training run would see (DESIGN.md section 3, STYLE.md point 8): the loader backend reads
-the shards and makes both views, `mopro_fast.train.train_step` (the trainer's own step: forward
+the shards and makes both views, `mopro_fast.training.train.train_step` (the trainer's own step: forward
 under autocast, MoPro losses, backward, SGD, prototype/queue/key-network updates) consumes them.
 The model, optimiser, GradScaler and step function come from the trainer's `build_model`
 (`mopro_fast.bench.step.build`). After `warmup` untimed steps (worker start, cudnn autotune,
@@ -36,11 +36,11 @@ def run_e2e_bench(shards: Path, split: str, backend: str, arch: str, res: int, b
                   device_name: str, precision: str, compiled: bool, small_stem: bool, channels_last: bool,
                   warmup: int, windows: int, window_steps: int) -> dict[str, Any]:
     """The `bench e2e` result for one backend on existing shards."""
-    from mopro_fast import runtime
+    from mopro_fast.training import runtime
     from mopro_fast.bench.step import build, stepper, training_config
     from mopro_fast.data import build_train_loader
     from mopro_fast.data.manifest import read_manifest
-    from mopro_fast.observe import LogWindow
+    from mopro_fast.training.observe import LogWindow
 
     device = resolve_device(device_name)
     runtime.configure_backends(device, cudnn_benchmark=True, tf32=True, deterministic=False)

@@ -12,7 +12,7 @@
   (which matters on a shared CPU); one `Timing` (median and spread) per path.
 - `stopwatch()`: seconds elapsed, for bookkeeping (how long each benchmark of `bench all` took).
 - `emit(result, as_json)` prints a result; `device_option`, `json_option`, `arch_option`, ... are
-  the shared click options, `ArchChoice` reads the architectures from `mopro_fast.model.ARCHS`.
+  the shared click options, `ArchChoice` reads the architectures from `mopro_fast.core.model.ARCHS`.
 
 torch is imported inside the functions so that `mopro-fast --help` stays fast.
 """
@@ -172,7 +172,7 @@ def emit(result: dict, as_json: bool) -> None:
 
 
 class ArchChoice(click.Choice):
-    """`click.Choice` of `mopro_fast.model.ARCHS`, read when first needed: importing the model
+    """`click.Choice` of `mopro_fast.core.model.ARCHS`, read when first needed: importing the model
     module imports torch and torchvision, which `mopro-fast --help` should not pay for."""
 
     def __init__(self) -> None:  # noqa: D107 - the choices are a property
@@ -180,7 +180,7 @@ class ArchChoice(click.Choice):
 
     @property
     def choices(self) -> tuple[str, ...]:  # type: ignore[override]
-        from mopro_fast.model import ARCHS
+        from mopro_fast.core.model import ARCHS
 
         return ARCHS
 

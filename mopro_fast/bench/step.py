@@ -1,7 +1,7 @@
 """`mopro-fast bench step`: full MoPro training steps on synthetic data, mopro-fast vs original style.
 
-Both paths are built by the trainer's own `mopro_fast.train.build_model` and stepped by its own
-`mopro_fast.train.train_step` (both views, shuffle-BN, instance/prototype/classification losses,
+Both paths are built by the trainer's own `mopro_fast.training.train.build_model` and stepped by its own
+`mopro_fast.training.train.train_step` (both views, shuffle-BN, instance/prototype/classification losses,
 noise correction, GradScaler, backward, SGD, queue and prototype updates, key-network EMA), on the
 same synthetic batch in the same process. They differ only in the recipe switches and the two
 reference updates that stand for the original code:
@@ -47,7 +47,7 @@ def build(cfg: Any, classes: int, device: Any, seed: int = 0, lr: float = 0.1) -
     """`build_model` of `cfg` with `classes` classes on one process, seeded: a `train.Training`."""
     import torch
 
-    from mopro_fast.train import build_model
+    from mopro_fast.training.train import build_model
 
     torch.manual_seed(seed)
     return build_model(cfg, classes, lr, device, world=1)
@@ -56,8 +56,8 @@ def build(cfg: Any, classes: int, device: Any, seed: int = 0, lr: float = 0.1) -
 def use_reference_updates(mopro: Any) -> None:
     """Swap the fused key-EMA and prototype updates of `mopro` for the original per-parameter and
     per-sample loops (what `train_step` then calls)."""
-    from mopro_fast.ema import ema_update_reference
-    from mopro_fast.prototypes import prototype_update_reference
+    from mopro_fast.core.ema import ema_update_reference
+    from mopro_fast.core.prototypes import prototype_update_reference
 
     mopro.momentum_update = lambda: ema_update_reference(mopro.key, mopro.query, mopro.momentum)
     weight = mopro.prototypes.weight
@@ -67,7 +67,7 @@ def use_reference_updates(mopro: Any) -> None:
 def stepper(t: Any) -> Callable[[Any], object]:
     """One full MoPro training step of `t` (a `train.Training`) on a `Batch`, as the trainer takes
     it with both switches on (prototype loss and noise cleaning)."""
-    from mopro_fast.train import train_step
+    from mopro_fast.training.train import train_step
 
     return lambda batch: train_step(True, t.step_fn, t.mopro, t.query, t.optimizer, t.scaler, t.autocast, batch,
                                     use_proto=True, clean=True, truth=None)
@@ -89,7 +89,7 @@ def synthetic_batch(batch: int, classes: int, res: int, device: Any, channels_la
 
 def run_step_bench(arch: str, res: int, batch: int, classes: int, device_name: str, precision: str,
                    compiled: bool, small_stem: bool, rounds: int, warmup: int, channels_last: bool = True) -> dict:
-    from mopro_fast import runtime
+    from mopro_fast.training import runtime
 
     device = resolve_device(device_name)
     runtime.configure_backends(device, cudnn_benchmark=True, tf32=True, deterministic=False)

@@ -25,7 +25,7 @@ def need_file(path: Path, what: str = "checkpoint file") -> None:
         return
     if not path.is_dir():
         fail(f"{path}: no such {what}")
-    from mopro_fast.checkpoint import list_checkpoints
+    from mopro_fast.training.checkpoint import list_checkpoints
 
     found = list_checkpoints(path)
     if found:
@@ -36,7 +36,7 @@ def need_file(path: Path, what: str = "checkpoint file") -> None:
 def _write_state(output: Path, state: dict) -> None:
     """torch.save `state` to `output` atomically: on any failure the previous file stays, no temporary is left."""
     from mopro_fast.safe_io import OutputError, output_dir
-    from mopro_fast.trained import torch_bytes, write_outputs
+    from mopro_fast.after.trained import torch_bytes, write_outputs
 
     if output.is_dir():
         raise OutputError(f"{output} is a folder; give the path of the file to write")
@@ -69,7 +69,7 @@ def clean_command(checkpoint: Path, overrides: tuple[str, ...], shards: Path | N
       mopro-fast clean runs/demo-mopro/ckpt-e0014-s00000252.pt
     """
     from mopro_fast import dist
-    from mopro_fast.clean import clean
+    from mopro_fast.after.clean import clean
 
     need_file(checkpoint, "checkpoint file")
     overrides = (*overrides, *([f"data.shards={shards}"] if shards else []))
@@ -108,7 +108,7 @@ def retrain_command(checkpoint: Path, overrides: tuple[str, ...], labels: Path, 
     Example:
       mopro-fast retrain runs/x/ckpt-e0090-s00841500.pt --labels runs/x/clean crt.epochs=15
     """
-    from mopro_fast.crt import retrain
+    from mopro_fast.after.crt import retrain
 
     need_file(checkpoint, "checkpoint file")
     summary = retrain(checkpoint, labels, recipe, out, list(overrides), progress=not no_progress and sys.stderr.isatty())
@@ -132,9 +132,9 @@ def export_command(checkpoint: Path, output: Path, target: str, with_classifier:
     With --with-classifier, load it into resnet50(num_classes=K) with strict=True. Models
     trained with model.small_stem=true have no torchvision layout and are refused.
     """
-    from mopro_fast.checkpoint import load_checkpoint
+    from mopro_fast.training.checkpoint import load_checkpoint
     from mopro_fast.config import config_from_dict
-    from mopro_fast.interop import torchvision_state_dict
+    from mopro_fast.after.interop import torchvision_state_dict
 
     need_file(checkpoint, "checkpoint file")
     state = load_checkpoint(checkpoint)
@@ -169,7 +169,7 @@ def import_command(source: Path, output: Path, overrides: tuple[str, ...], recip
     Example:
       mopro-fast import MoPro_V1_epoch90.tar runs/orig/mopro-v1.pt data.shards=/data/shards
     """
-    from mopro_fast.interop import import_original
+    from mopro_fast.after.interop import import_original
 
     need_file(source, "checkpoint file")
     state = import_original(source, recipe, list(overrides))
@@ -195,7 +195,7 @@ def report_command(run: Path, clean_dir: Path | None, run_clean: bool, gallery: 
     images dropped as OOD and the most confident clean ones; cRT before/after when RUN/crt exists.
     The extra plots are also written as PNG files next to the page.
     """
-    from mopro_fast.report import build_report
+    from mopro_fast.after.report import build_report
 
     if not run.is_dir():
         fail(f"{run}: no such run folder")

@@ -43,7 +43,7 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
     from data_tools.fixture import FixtureSpec, make_fixture
     from data_tools.verify import verify
     from mopro_fast.config import load_config
-    from mopro_fast.train import train
+    from mopro_fast.training.train import train
 
     progress = sys.stderr.isatty()
     fixture, shards = out / "fixture", out / "shards"

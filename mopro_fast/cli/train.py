@@ -1,5 +1,5 @@
 """`mopro-fast train RECIPE [section.key=value ...]` and `mopro-fast eval CKPT`: click fronts of
-`mopro_fast.train` and `mopro_fast.evaluate` (errors: one line each, by the group in cli/__init__)."""
+`mopro_fast.training.train` and `mopro_fast.training.evaluate` (errors: one line each, by the group in cli/__init__)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
     from mopro_fast.config import load_config
     from mopro_fast.errors import Interrupted, fail
     from mopro_fast.safe_io import OutputError, describe
-    from mopro_fast.train import train
+    from mopro_fast.training.train import train
 
     cfg = load_config(recipe, list(overrides))
     if resume and init:
@@ -93,7 +93,7 @@ def eval_command(checkpoint: Path, overrides: tuple[str, ...], splits: tuple[str
     """
     from mopro_fast import dist
     from mopro_fast.cli.after import need_file
-    from mopro_fast.evaluate import evaluate_checkpoint
+    from mopro_fast.training.evaluate import evaluate_checkpoint
 
     need_file(checkpoint)  # one line for a missing file or a run folder (naming its newest checkpoint)
     result = evaluate_checkpoint(checkpoint, list(overrides), list(splits) or None)

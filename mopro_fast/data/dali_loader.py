@@ -63,7 +63,7 @@ from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
 from mopro_fast.data.errors import ShardError, damaged, damaged_split
 from mopro_fast.data.options import DaliOptions
 from mopro_fast.data.stream import mix_seed
-from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER
+from mopro_fast.views.cpu import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER
 
 _MEAN = [255 * m for m in IMAGENET_MEAN]
 _STD = [255 * s for s in IMAGENET_STD]

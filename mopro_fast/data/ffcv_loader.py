@@ -3,7 +3,7 @@
 Per batch (DESIGN.md section 3): FFCV's compiled, memory-mapped loader runs our `TwoViewDecoder`
 (mopro_fast.data.ffcv_ops: one decode per image, both random resized crops with flips) on
 `workers` threads; then, on the training device, the strong view's grayscale and colour jitter as
-batched tensor ops (mopro_fast.data.color) and the ImageNet normalisation to float32, channels-last
+batched tensor ops (mopro_fast.views.color) and the ImageNet normalisation to float32, channels-last
 when asked (mopro_fast.data.batch). Evaluation runs `EvalDecoder` (`views.eval_view` exactly).
 The training crops are resized with FFCV's OpenCV INTER_AREA kernel, not torchvision's
 antialiased bilinear; the colour ops follow torchvision's formulas in float.
@@ -41,7 +41,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images, normalize_uint8
-from mopro_fast.data.color import apply_strong_color, sample_strong_color
+from mopro_fast.views.color import apply_strong_color, sample_strong_color
 from mopro_fast.data.errors import check_size, damaged, reason
 from mopro_fast.data.ffcv_ops import EvalDecoder, TwoViewDecoder, bad_rows, read_params
 from mopro_fast.data.manifest import ManifestError, read_manifest

@@ -6,7 +6,7 @@ or a view of the raw pixels) and writes both random resized crops of DESIGN.md s
 area fraction U(0.2, 1), log aspect ratio U(log 3/4, log 4/3), torchvision's 10 tries then a
 centre crop (`views.sample_crop`'s algorithm), resized with FFCV's own kernel (OpenCV INTER_AREA),
 then a horizontal flip with p = 0.5 per view. The strong view's colour ops run later, batched on
-the device (mopro_fast.data.color).
+the device (mopro_fast.views.color).
 
 Randomness without RNG state: each value is a counter-based hash (SplitMix64) of the op's seed,
 the batch's first and last sample ids, the sample's position in the batch and a draw counter.
@@ -38,7 +38,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 
-from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P
+from mopro_fast.views.cpu import CROP_RATIO, CROP_SCALE, FLIP_P
 
 # Two corrections to FFCV 1.0.2, applied when the ffcv backend is imported (FFCV's only user here):
 # 1. Compiler.set_num_threads also calls torch.set_num_threads, shrinking the trainer's intra-op

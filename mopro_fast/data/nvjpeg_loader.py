@@ -9,8 +9,8 @@ Pipeline per batch:
   boundary as one byte buffer plus lengths, not B small tensors.
 - In the main process, in a background thread `prefetch` batches ahead on its own CUDA stream
   (mopro_fast.data.prefetch): one `decode_jpeg` call on the whole list, then both views for the
-  whole batch (mopro_fast.data.gpu_views: padding, crop + resize + flip as batched GEMMs, colour
-  ops of gpu_augment), normalisation with the ImageNet mean/std, the output dtype and
+  whole batch (mopro_fast.views.gpu: padding, crop + resize + flip as batched GEMMs, colour
+  ops of views.augment), normalisation with the ImageNet mean/std, the output dtype and
   channels-last in one copy. No per-sample Python loop touches pixels.
 
 Output dtype: `options.dtype` (default float32, the Batch contract: an fp32 recipe gets fp32 inputs). On a
@@ -39,8 +39,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, EvalBatch
-from mopro_fast.data.gpu_augment import constant
-from mopro_fast.data.gpu_views import eval_view_batch, to_device, two_views_batch
+from mopro_fast.views.augment import constant
+from mopro_fast.views.gpu import eval_view_batch, to_device, two_views_batch
 from mopro_fast.data.options import NvjpegOptions
 from mopro_fast.data.prefetch import prefetch
 from mopro_fast.data.stream import TAG_VIEWS, eval_window, mix_seed, pieces

@@ -3,7 +3,7 @@
 The portable reference the faster backends are measured against (DESIGN.md section 3). Per
 worker: read its window of the shards (mopro_fast.data.stream) with `webdataset`'s tar
 iterators, shuffle with a buffer, decode JPEG with `torchvision.io.decode_jpeg` (libjpeg-turbo)
-into uint8, make the views (mopro_fast.data.views), and stack whole uint8 batches; the main
+into uint8, make the views (mopro_fast.views.cpu), and stack whole uint8 batches; the main
 process moves each batch to the device and normalises it there (mopro_fast.data.batch).
 
 Determinism: the batches of epoch e on rank r (samples and augmentations) are a pure function
@@ -35,7 +35,7 @@ from mopro_fast.data.batch import Batch, EvalBatch, finish_images
 from mopro_fast.data.errors import ShardError, damaged, reason
 from mopro_fast.data.stream import (TAG_BUFFER, TAG_VIEWS, Piece, batches_of_worker, buffer_shuffle, eval_window,
                                     mix_seed, pieces, shard_order, train_window)
-from mopro_fast.data.views import eval_view, two_views
+from mopro_fast.views.cpu import eval_view, two_views
 
 RawSample = tuple[bytes, int, int, tuple[str, str]]  # (JPEG bytes, label, sample index, (shard, key))
 _FIELDS = (".jpg", ".lbl", ".sid")  # the tar members we need; .cls and .json are skipped

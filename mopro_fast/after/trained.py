@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mopro_fast.checkpoint import CheckpointError, load_checkpoint
+from mopro_fast.training.checkpoint import CheckpointError, load_checkpoint
 from mopro_fast.config import Config, config_from_dict
-from mopro_fast.model import MoProNet
+from mopro_fast.core.model import MoProNet
 
 QUERY, PROTOTYPES = "query.", "prototypes.weight"
 
@@ -56,7 +56,7 @@ def build_net(cfg: Config, model_state: dict[str, Tensor]) -> MoProNet:
 
 def load_trained(checkpoint: Path, overrides: list[str] = (), device: torch.device | None = None) -> Trained:
     """Checkpoint -> config (stored + overrides), query network in eval mode, prototypes, device."""
-    from mopro_fast import runtime
+    from mopro_fast.training import runtime
 
     state = load_checkpoint(Path(checkpoint))
     cfg = config_from_dict(state["config"], list(overrides))

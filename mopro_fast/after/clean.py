@@ -33,10 +33,10 @@ from torch import Tensor
 
 from mopro_fast.errors import MoproError
 from mopro_fast import dist
-from mopro_fast.losses import prototype_logits
-from mopro_fast.noise import correct_labels
+from mopro_fast.core.losses import prototype_logits
+from mopro_fast.core.noise import correct_labels
 from mopro_fast.safe_io import output_dir
-from mopro_fast.trained import Trained
+from mopro_fast.after.trained import Trained
 
 # Columns of the per-sample table (float64, so sample indices up to 2^53 stay exact).
 COLUMNS = ("seen", "web_label", "label", "kept", "score_cls", "score_proto", "soft_web")
@@ -58,7 +58,7 @@ def shards_fingerprint(shards: Path, split: str) -> str:
 @torch.no_grad()
 def score_batch(trained: Trained, images: Tensor, labels: Tensor) -> Tensor:
     """One eval batch -> its rows of the table (b x len(COLUMNS)); images b x 3 x H x W, labels b."""
-    from mopro_fast import runtime
+    from mopro_fast.training import runtime
 
     cfg = trained.cfg
     with runtime.autocast(trained.device, cfg.run.precision):
@@ -113,7 +113,7 @@ def score_split(trained: Trained, progress: bool = True) -> Tensor:
 
 def truth_of(trained: Trained, catalog) -> Tensor | None:
     """Planted truth by sample index (-1 OOD, -2 unknown), from data.truth; None when unset."""
-    from mopro_fast.truth import UNKNOWN, read_truth_tsv
+    from mopro_fast.training.truth import UNKNOWN, read_truth_tsv
 
     if not trained.cfg.data.truth:
         return None
@@ -155,7 +155,7 @@ def summarize(table: Tensor, truth: Tensor | None, num_classes: int) -> dict:
 
 def detection_figures(web: Tensor, label: Tensor, kept: Tensor, true: Tensor) -> dict:
     """Noise detection against the planted truth (samples with unknown truth left out)."""
-    from mopro_fast.truth import OOD, UNKNOWN
+    from mopro_fast.training.truth import OOD, UNKNOWN
 
     known = true != UNKNOWN
     web, label, kept, true = web[known], label[known], kept[known], true[known]
@@ -185,8 +185,8 @@ def detection_figures(web: Tensor, label: Tensor, kept: Tensor, true: Tensor) ->
 
 def write_outputs(out: Path, table: Tensor, catalog, truth: Tensor | None, summary: dict) -> None:
     """labels.jsonl (one line per written sample, index order) and summary.json, atomically, into OUT only."""
-    from mopro_fast.trained import write_outputs as write_files
-    from mopro_fast.truth import OOD, UNKNOWN
+    from mopro_fast.after.trained import write_outputs as write_files
+    from mopro_fast.training.truth import OOD, UNKNOWN
 
     rows = table.cpu().tolist()
     lines = []
@@ -212,7 +212,7 @@ def clean(checkpoint: Path, out: Path | None = None, overrides: list[str] = (), 
     Returns the summary (also in OUT/summary.json). Runs in one process or under torchrun.
     """
     from mopro_fast.data.catalog import read_catalog
-    from mopro_fast.trained import load_trained
+    from mopro_fast.after.trained import load_trained
 
     dist.init_from_env()
     trained = load_trained(Path(checkpoint), list(overrides))

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from mopro_fast.errors import MoproError
-from mopro_fast.checkpoint import PATTERN, list_checkpoints
+from mopro_fast.training.checkpoint import PATTERN, list_checkpoints
 from mopro_fast.safe_io import OutputError, atomic_write_text, output_dir
 
 LOCK = ".lock"

@@ -8,7 +8,7 @@ HSV), computed in float (on [0, 1], scaled back to [0, 255]) with a clamp after 
 rounding to uint8 between ops.
 
 Batched: the parameters are drawn on the host from a seeded `torch.Generator` (so they are known
-without a device sync and tests can read them); the ops themselves are `gpu_augment`'s batched
+without a device sync and tests can read them); the ops themselves are `views.augment`'s batched
 grayscale and jitter (seven batched stages give each sample its own op order; no per-sample Python
 loop). Used by the `ffcv` backend.
 """
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mopro_fast.data.gpu_augment import color_jitter, random_grayscale
-from mopro_fast.data.views import GRAY_P, HUE, JITTER, JITTER_OPS
+from mopro_fast.views.augment import color_jitter, random_grayscale
+from mopro_fast.views.cpu import GRAY_P, HUE, JITTER, JITTER_OPS
 
 
 @dataclass
@@ -44,7 +44,7 @@ def sample_strong_color(batch: int, generator: torch.Generator) -> StrongColorPa
 def apply_strong_color(x: Tensor, params: StrongColorParams) -> Tensor:
     """b x 3 x H x W float in [0, 255] on any device -> the same after grayscale and jitter (new tensor).
 
-    The ops are `gpu_augment`'s (the nvjpeg backend's, oracle-tested against torchvision), on [0, 1].
+    The ops are `views.augment`'s (the nvjpeg backend's, oracle-tested against torchvision), on [0, 1].
     """
     device = x.device
     gray = params.gray.to(device, non_blocking=True)  # b

@@ -19,7 +19,7 @@ The `nvjpeg` backend decodes a batch of JPEGs (images of different sizes) and ca
    reproduce torchvision's filter exactly, handle padding and flips through their weights, and
    run on tensor cores (fp16 on CUDA: pixel values are exact integers there, weights carry about
    3 decimal digits, accumulation is fp32).
-3. Colour (strong view only): `gpu_augment` (grayscale p = 0.2, ColorJitter in a per-sample
+3. Colour (strong view only): `views.augment` (grayscale p = 0.2, ColorJitter in a per-sample
    random order), in float on [0, 1].
 
 Parameters are drawn for the whole batch from one `torch.Generator` on the device (one `rand`
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mopro_fast.data.gpu_augment import color_jitter, constant, random_grayscale
-from mopro_fast.data.views import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER, eval_size
+from mopro_fast.views.augment import color_jitter, constant, random_grayscale
+from mopro_fast.views.cpu import CROP_RATIO, CROP_SCALE, FLIP_P, GRAY_P, HUE, JITTER, eval_size
 
 _TRIES = 10  # torchvision's RandomResizedCrop tries before the centre-crop fallback
 # Uniforms per sample: weak = crop (2 per try + top, left) + flip; strong = crop + gray + 4 factors

@@ -1,7 +1,7 @@
 """Checkpoints out and in: torchvision export, and import of the original MoPro layout.
 
 Export (`mopro-fast export CKPT --to torchvision OUT.pt`): our encoder *is* a torchvision ResNet
-with its fc replaced by an identity (mopro_fast/model.py), so its state dict already has
+with its fc replaced by an identity (mopro_fast/core/model.py), so its state dict already has
 torchvision's key names; the export is that state dict, optionally with our classifier as `fc`.
 `torchvision.models.resnet50().load_state_dict(sd, strict=False)` then reports exactly
 `fc.weight` and `fc.bias` missing (or nothing, with the classifier). A `small_stem` model (3x3
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from mopro_fast.errors import MoproError
-from mopro_fast.checkpoint import CheckpointError
+from mopro_fast.training.checkpoint import CheckpointError
 
 # (bottleneck?, blocks per stage) -> torchvision arch name
 _ARCHS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34", (True, (3, 4, 6, 3)): "resnet50",
@@ -141,10 +141,10 @@ def import_original(src: Path, recipe: Path, overrides: list[str] = ()) -> dict:
     The config is `recipe` + `overrides`, with model.arch, small_stem, proj_dim, proj_hidden,
     data.num_classes and mopro.queue_size set from the tensors.
     """
-    from mopro_fast.checkpoint import code_version
+    from mopro_fast.training.checkpoint import code_version
     from mopro_fast.config import load_config
-    from mopro_fast.model import MoProNet
-    from mopro_fast.mopro import MoPro
+    from mopro_fast.core.model import MoProNet
+    from mopro_fast.core.mopro import MoPro
 
     try:
         raw = torch.load(src, map_location="cpu", weights_only=False)

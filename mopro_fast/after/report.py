@@ -2,7 +2,7 @@
 
 From the run folder: the training curves (RUN/loss.png, accuracy.png, noise.png, redrawn from
 metrics.jsonl when missing), the relabelled / OOD fractions per epoch (the training log's batch
-averages), the final evaluation, and, from a clean output (RUN/clean, see mopro_fast/clean.py;
+averages), the final evaluation, and, from a clean output (RUN/clean, see mopro_fast/after/clean.py;
 `report` runs clean itself when there is none and the shards are at hand): counts per class and
 galleries of the training images it relabelled (web label -> new label), dropped as OOD, and the
 most confident clean ones. A cRT summary (RUN/crt) adds a before/after table. Every image is
@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 
 from mopro_fast.errors import MoproError
-from mopro_fast.observe import plot_run
+from mopro_fast.training.observe import plot_run
 from mopro_fast.safe_io import output_dir
-from mopro_fast.trained import write_outputs
+from mopro_fast.after.trained import write_outputs
 
 THUMB = 96  # px, longer side of a gallery thumbnail
 
@@ -242,8 +242,8 @@ def _curves(run: Path) -> dict[str, bytes]:
 
 def _run_clean(run: Path, clean_dir: Path, progress: bool) -> str:
     """Run clean with the newest checkpoint of the run; returns a note when it cannot."""
-    from mopro_fast.checkpoint import list_checkpoints
-    from mopro_fast.clean import clean
+    from mopro_fast.training.checkpoint import list_checkpoints
+    from mopro_fast.after.clean import clean
 
     found = list_checkpoints(run)
     if not found:
@@ -256,7 +256,7 @@ def _run_clean(run: Path, clean_dir: Path, progress: bool) -> str:
 
 
 def _clean_sections(clean_dir: Path, pngs: dict[str, bytes], gallery: int) -> list[str]:
-    from mopro_fast.clean import read_labels
+    from mopro_fast.after.clean import read_labels
     from mopro_fast.data.catalog import read_catalog
 
     records, s = read_labels(clean_dir)

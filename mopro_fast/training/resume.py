@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from mopro_fast import dist
-from mopro_fast.checkpoint import CheckpointError, find_resumable, load_checkpoint, set_rng_state
+from mopro_fast.training.checkpoint import CheckpointError, find_resumable, load_checkpoint, set_rng_state
 from mopro_fast.config import Config
-from mopro_fast.mopro import MoPro
+from mopro_fast.core.mopro import MoPro
 
 
 def init_from(path: Path, mopro: MoPro) -> str:

@@ -46,10 +46,10 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
 
     Works in one process and under torchrun; the result is the same whatever the number of ranks.
     """
-    from mopro_fast import runtime
+    from mopro_fast.training import runtime
     from mopro_fast.data import backend_options, build_eval_loader, loader_spec
     from mopro_fast.data.manifest import ManifestError, read_manifest
-    from mopro_fast.trained import load_trained
+    from mopro_fast.after.trained import load_trained
 
     dist.init_from_env()
     trained = load_trained(Path(checkpoint), overrides)  # query network in eval mode, on the config's device

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from mopro_fast.errors import MoproError
 from mopro_fast.config import CrtConfig
-from mopro_fast.trained import Trained
+from mopro_fast.after.trained import Trained
 
 CKPT_NAME = "crt.pt"
 
@@ -58,7 +58,7 @@ class _Head(nn.Module):
 @torch.no_grad()
 def extract_features(trained: Trained, split: str, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Pooled features h of every sample of `split` in the eval view: (n x F, labels n, indices n)."""
-    from mopro_fast import runtime
+    from mopro_fast.training import runtime
     from mopro_fast.data import backend_options, build_eval_loader, loader_spec
 
     cfg = trained.cfg
@@ -148,7 +148,7 @@ def train_classifier(classifier: nn.Linear, feats: Tensor, labels: Tensor, c: Cr
 def before_and_after(trained: Trained, classifier: nn.Linear, splits: list[str], progress: bool) -> dict:
     """Top-1/top-5 per split with the checkpoint's classifier and with the re-trained one (same features)."""
     from mopro_fast.data.batch import EvalBatch
-    from mopro_fast.evaluate import evaluate
+    from mopro_fast.training.evaluate import evaluate
 
     results = {}
     for split in splits:
@@ -167,11 +167,11 @@ def retrain(checkpoint: Path, labels_path: Path, recipe_path: Path, out: Path | 
     Overrides `crt.key=value` change the cRT recipe; any other `section.key=value` changes the
     checkpoint's stored config (data.shards, loader.batch_size, run.device, ...), as in `eval`.
     """
-    from mopro_fast.clean import read_labels, shards_fingerprint
+    from mopro_fast.after.clean import read_labels, shards_fingerprint
     from mopro_fast.config import load_crt_config
     from mopro_fast.data.manifest import read_manifest
     from mopro_fast.safe_io import output_dir
-    from mopro_fast.trained import load_trained, torch_bytes, write_outputs
+    from mopro_fast.after.trained import load_trained, torch_bytes, write_outputs
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CrtError("retrain runs in one process (the features of the whole training set stay on one device); "

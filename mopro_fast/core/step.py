@@ -30,14 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from mopro_fast import dist
-from mopro_fast.losses import (
+from mopro_fast.core.losses import (
     instance_loss,
     masked_accuracy,
     masked_cross_entropy,
     prototype_logits,
 )
-from mopro_fast.mopro import MoPro
-from mopro_fast.noise import correct_labels
+from mopro_fast.core.mopro import MoPro
+from mopro_fast.core.noise import correct_labels
 
 
 @torch.no_grad()

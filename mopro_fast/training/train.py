@@ -1,6 +1,6 @@
 """`mopro-fast train RECIPE`: the training loop (DESIGN.md sections 1 and 3).
 
-`train` claims the run folder (locked, never mixed with an old run: `mopro_fast.runfolder`),
+`train` claims the run folder (locked, never mixed with an old run: `mopro_fast.training.runfolder`),
 `_setup` builds one `Run` (device, resume point, model and optimiser from `build_model`, loaders,
 log), `_loop` runs the epochs (one `train_step` per batch, a log window every `run.log_every`
 steps, evaluation and a checkpoint per epoch, a checkpoint on SIGINT/SIGTERM or every
@@ -24,23 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mopro_fast import dist, runtime
-from mopro_fast.checkpoint import checkpoint_name, code_version, rng_state, save_checkpoint
+from mopro_fast import dist
+from mopro_fast.training import runtime
+from mopro_fast.training.checkpoint import checkpoint_name, code_version, rng_state, save_checkpoint
 from mopro_fast.config import Config, Derived, derive, lr_at, mopro_switches, resolution_at
 from mopro_fast.data import backend_options, build_eval_loader, build_train_loader, loader_spec
 from mopro_fast.data.manifest import ManifestError, read_manifest
 from mopro_fast.errors import MoproError
-from mopro_fast.evaluate import evaluate
-from mopro_fast.interrupt import Every, StopRequest, TrainingInterrupted
-from mopro_fast.model import MoProNet
-from mopro_fast.mopro import MoPro
-from mopro_fast.observe import LogWindow, RunLog, last_epoch_noise, plot_run
+from mopro_fast.training.evaluate import evaluate
+from mopro_fast.training.interrupt import Every, StopRequest, TrainingInterrupted
+from mopro_fast.core.model import MoProNet
+from mopro_fast.core.mopro import MoPro
+from mopro_fast.training.observe import LogWindow, RunLog, last_epoch_noise, plot_run
 from mopro_fast.progress import Progress
-from mopro_fast.resume import apply_resume, find_resume, finished_note, init_from
-from mopro_fast.runfolder import RunFolder, RunFolderError
+from mopro_fast.training.resume import apply_resume, find_resume, finished_note, init_from
+from mopro_fast.training.runfolder import RunFolder, RunFolderError
 from mopro_fast.safe_io import OutputError, atomic_write_text, describe
-from mopro_fast.step import mopro_step
-from mopro_fast.truth import truth_by_index
+from mopro_fast.core.step import mopro_step
+from mopro_fast.training.truth import truth_by_index
 
 
 class TrainingStopped(MoproError, RuntimeError):

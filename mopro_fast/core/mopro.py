@@ -2,7 +2,7 @@
 (DESIGN.md section 1; paper arXiv 2009.07995, section 3).
 
 `MoPro` only holds state and the post-optimiser momentum update; the per-batch computation is
-`mopro_fast.step.mopro_step`. Its `state_dict()` (the ordinary nn.Module one) covers the query
+`mopro_fast.core.step.mopro_step`. Its `state_dict()` (the ordinary nn.Module one) covers the query
 and key networks (parameters and BN statistics), the queue keys, the queue pointer and the
 prototypes, so loading it into a fresh instance resumes bit for bit (with the optimiser state,
 which the train loop saves next to it).
@@ -25,9 +25,9 @@ import copy
 
 from torch import nn
 
-from mopro_fast.ema import FlatParameters, ema_update, ema_update_flat
-from mopro_fast.prototypes import Prototypes
-from mopro_fast.queue import InstanceQueue
+from mopro_fast.core.ema import FlatParameters, ema_update, ema_update_flat
+from mopro_fast.core.prototypes import Prototypes
+from mopro_fast.core.queue import InstanceQueue
 
 
 class MoPro(nn.Module):

@@ -1,0 +1,1 @@
+"""Data views: the two MoPro views and the eval view, on the CPU (per sample) and batched on a device."""
