@@ -3,6 +3,9 @@
 Class c is a drawn object: shape ``c mod 9``, hue ``c mod 8``, fill pattern ``c mod 5``, edge colour
 ``c mod 7``. The moduli are pairwise coprime, so (Chinese remainder theorem) the first 2520 classes are
 distinct and neighbouring ids differ in every attribute: small fixtures stay learnable at 32 px.
+With ``hue_coded=False`` the hue is drawn per image instead, so colour is a nuisance as in photos
+(the strong view's hue jitter then cannot destroy the class cue), and shape, pattern and edge
+(315 combinations) carry the class.
 Random position, size (30-70% of the shorter side), rotation (at most 20 degrees: a square never
 becomes a diamond), low-saturation gradient background, luma noise. Out-of-distribution images show
 self-crossing blobs, scribbles or smooth colour noise, never a class shape.
@@ -73,6 +76,7 @@ HUES = {"red": 0, "orange": 30, "yellow": 58, "green": 120, "cyan": 185, "blue":
 PATTERNS = ("plain", "hstriped", "vstriped", "dotted", "checked")
 EDGES = ("", "white", "black", "grey", "dark", "light", "inverse")
 MAX_CLASSES = len(SHAPES) * len(HUES) * len(PATTERNS) * len(EDGES)  # 2520, see module docstring
+MAX_CLASSES_NO_HUE = len(SHAPES) * len(PATTERNS) * len(EDGES)  # 315: shape, pattern and edge only
 CORRUPT_KINDS = ("truncated", "png_as_jpg", "gif_as_jpg", "cmyk", "grayscale", "empty", "missing", "huge")
 HUGE_SIDE = 20000
 _TRAIN, _VAL, _IMAGENET, _CORRUPT, _PLAN = range(5)  # seed-key namespaces: one rng stream per split
@@ -93,6 +97,7 @@ class FixtureSpec:
     flickr: float = 0.3  # share from the flickr source, the rest is google
     seed: int = 0
     corrupt: bool = False  # also plant one broken record of each CORRUPT_KINDS
+    hue_coded: bool = True  # False: the object's hue is drawn per image (a nuisance, as colour is in photos)
 
     def validate(self) -> None:
         """Raise ValueError with one clear line for a spec that cannot be generated."""
@@ -105,6 +110,8 @@ class FixtureSpec:
              "noise, pair, ood, flickr must be in [0, 1]"),
             (self.noise + self.ood <= 1, f"noise + ood must be <= 1, got {self.noise + self.ood}"),
             (self.noise == 0 or self.classes >= 2, "label noise needs at least 2 classes"),
+            (self.hue_coded or self.classes <= MAX_CLASSES_NO_HUE,
+             f"without hue coding at most {MAX_CLASSES_NO_HUE} classes are distinct, got {self.classes}"),
         ]:
             if not ok:
                 raise ValueError(msg)
@@ -173,13 +180,13 @@ def _mask(x: np.ndarray) -> Image.Image:
     return Image.fromarray((255 * np.clip(x, 0, 1)).astype(np.uint8), "L")
 
 
-def _draw_object(im: Image.Image, rng: np.random.Generator, c: int) -> None:
-    """Paint the object of class c into im (in place)."""
+def _draw_object(im: Image.Image, rng: np.random.Generator, c: int, hue_coded: bool = True) -> None:
+    """Paint the object of class c into im (in place); its hue is the class's, or any (`hue_coded=False`)."""
     w, h = im.size
     r = rng.uniform(0.15, 0.35) * min(h, w)  # diameter 30-70% of the shorter side
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     phi = math.radians(rng.uniform(-20, 20))
-    hue = list(HUES.values())[c % len(HUES)] + rng.uniform(-8, 8)
+    hue = list(HUES.values())[c % len(HUES)] + rng.uniform(-8, 8) if hue_coded else rng.uniform(0, 360)
     col = 255 * np.array(colorsys.hsv_to_rgb((hue / 360) % 1, rng.uniform(0.75, 1), rng.uniform(0.75, 1)), np.float32)
     # Work in the object's bounding box only: most pixels are background.
     x0, y0 = max(0, int(cx - 1.3 * r)), max(0, int(cy - 1.3 * r))
@@ -230,12 +237,13 @@ def _draw_ood(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-def render(rng: np.random.Generator, content: int, base: int, fixed_short: bool = False) -> Image.Image:
+def render(rng: np.random.Generator, content: int, base: int, fixed_short: bool = False,
+           hue_coded: bool = True) -> Image.Image:
     """One RGB image of class `content` (or OOD content when -1)."""
     w, h = _size(rng, base, fixed_short)
     im = _background(rng, w, h)
     if content >= 0:
-        _draw_object(im, rng, content)
+        _draw_object(im, rng, content, hue_coded)
     else:
         im = _draw_ood(im, rng)
     # Sensor-like luma noise, added in uint8 by PIL: out = im + (noise + 128) - 128, clipped.
@@ -255,7 +263,7 @@ def _write(root: Path, spec: FixtureSpec, job: _Job) -> None:
     if job.kind == "huge":  # flat grey: cheap to encode, still a real baseline JPEG of 20000x20000
         Image.new("L", (HUGE_SIDE, HUGE_SIDE), int(rng.integers(60, 200))).save(dest, "JPEG", quality=10)
         return
-    im = render(rng, job.content, spec.image_size, job.fixed_short)
+    im = render(rng, job.content, spec.image_size, job.fixed_short, spec.hue_coded)
     quality = int(rng.integers(75, 96))  # web JPEGs come at mixed qualities
     buf = io.BytesIO()
     if job.kind == "png_as_jpg":

@@ -221,3 +221,27 @@ def test_rejects_bad_specs_and_nonempty_out(tmp_path):
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
         make_fixture(tmp_path / "full", FixtureSpec(classes=2, train_per_class=1))
+
+
+def test_hue_is_a_nuisance_without_hue_coding():
+    """hue_coded=False: one class's objects come in any hue (the strong view's hue jitter cannot erase
+    the class cue); the default keeps each class's hue within +-8 degrees (and its images unchanged)."""
+    import colorsys
+
+    from data_tools.fixture import MAX_CLASSES_NO_HUE, render
+
+    def object_hue(im: Image.Image) -> float:
+        a = np.asarray(im.convert("RGB"), np.float32) / 255
+        sat = a.max(axis=2) - a.min(axis=2)
+        r, g, b = a[sat >= np.quantile(sat, 0.97)].mean(axis=0)  # the most saturated pixels: the object
+        return colorsys.rgb_to_hsv(r, g, b)[0] * 360
+
+    def spread(hue_coded: bool) -> float:
+        hues = np.radians([object_hue(render(np.random.default_rng([7, i]), 0, 64, hue_coded=hue_coded))
+                           for i in range(24)])
+        return 1 - abs(np.exp(1j * hues).mean())  # circular variance: 0 = one hue, 1 = all hues
+
+    assert spread(True) < 0.1 and spread(False) > 0.5
+    with pytest.raises(ValueError, match="without hue coding at most 315 classes"):
+        FixtureSpec(classes=MAX_CLASSES_NO_HUE + 1, hue_coded=False).validate()
+    FixtureSpec(classes=MAX_CLASSES_NO_HUE + 1).validate()  # hue-coded: up to 2520
