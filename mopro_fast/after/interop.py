@@ -151,7 +151,7 @@ def import_original(src: Path, recipe: Path, overrides: list[str] = ()) -> dict:
     except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, I/O error: all unusable
         raise CheckpointError(f"{Path(src).name}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     converted, shapes = convert_original(original_state_dict(raw))
-    derived = [f"model.arch={shapes['arch']}", "model.small_stem=false", f"model.proj_dim={shapes['proj_dim']}",
+    derived = [f"model.arch={shapes['arch']}", "model.small_stem=false", "model.width=64", f"model.proj_dim={shapes['proj_dim']}",
                f"model.proj_hidden={shapes['proj_hidden']}", f"data.num_classes={shapes['num_classes']}"]
     if shapes["queue_size"]:
         derived.append(f"mopro.queue_size={shapes['queue_size']}")

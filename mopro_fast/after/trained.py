@@ -43,7 +43,8 @@ def build_net(cfg: Config, model_state: dict[str, Tensor]) -> MoProNet:
     if f"{QUERY}classifier.weight" not in model_state:
         raise CheckpointError("checkpoint has no query.classifier.weight: not a mopro-fast model state")
     num_classes = model_state[f"{QUERY}classifier.weight"].shape[0]
-    net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem)
+    net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem,
+                    cfg.model.width)
     query = {k[len(QUERY):]: v for k, v in model_state.items() if k.startswith(QUERY)}
     try:
         net.load_state_dict(query)

@@ -51,6 +51,9 @@ class ModelConfig:
     """Encoder trunk."""
     small_stem: bool = False
     """3x3 stride-1 stem without max-pool, for 32-64 px images."""
+    width: int = spec(64, ge=1)
+    """Channels of the stem (64 = torchvision's ResNet); every stage is scaled by width / 64, compute by
+    about its square. The small-data CPU recipes use 32."""
     proj_dim: int = spec(128, ge=1)
     """Embedding width d of the projection head (paper: 128)."""
     proj_hidden: int = spec(2048, ge=1)
@@ -73,6 +76,9 @@ class MoproConfig:
     """Weight of the classifier in the soft label (1 - alpha for the prototypes)."""
     pseudo_threshold: float = spec(0.8, gt=0, le=1)
     """Relabel a sample when the soft label's max exceeds this."""
+    ood_threshold: float | None = spec(None, gt=0, lt=1)
+    """Keep a sample (not relabelled) only when the soft label's mass on its label exceeds this; null = 1/K
+    (paper). With few classes 1/K drops what an unsure model merely doubts (core/noise.py); 0.01 = "ruled out"."""
     w_inst: float = spec(1.0, ge=0)
     """Weight of the instance (InfoNCE) loss."""
     w_proto: float = spec(1.0, ge=0)

@@ -7,7 +7,10 @@ One network gives both outputs used by MoPro:
 
 The trunk is a torchvision ResNet built with random weights (never downloaded). A
 `small_stem` variant (3x3 stride-1 first conv, no max-pool) keeps 32-64 px inputs from being
-reduced to nothing; the tests and the CPU demo use it.
+reduced to nothing; the tests use it. `width` (the stem's output channels, 64 in every torchvision
+ResNet) scales every stage's channels by width / 64: the same topology and module names (so
+state-dict keys are torchvision's), about (width / 64)^2 of the compute. The small-data CPU recipes
+use width 32.
 
 The module is pure: tensors in, tensors out, no device moves, no rank logic, no config object.
 """
@@ -18,17 +21,46 @@ from typing import Literal
 
 import torch.nn.functional as F
 import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-def build_trunk(arch: Arch = "resnet50", small_stem: bool = False) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without its fc layer; returns (trunk, feature width)."""
+class _ScaledResNet(ResNet):
+    """torchvision's ResNet with every stage's channels scaled by width / 64 (the stem's too)."""
+
+    def __init__(self, block: type, layers: list[int], width: int) -> None:
+        self._scale = width / 64
+        super().__init__(block, layers)
+        stem = self.layer1[0].conv1.in_channels  # = width
+        self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.fc = nn.Linear(self.inplanes, 1000)  # only its in_features (the last stage's width) is read
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):  # noqa: ANN001 - torchvision's
+        if planes == 64:  # layer1: its input is the stem's output
+            self.inplanes = max(1, round(64 * self._scale))
+        return super()._make_layer(block, max(1, round(planes * self._scale)), blocks, stride, dilate)
+
+
+_LAYOUT = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+           "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+           "resnet152": (Bottleneck, [3, 8, 36, 3])}
+
+
+def build_trunk(arch: Arch = "resnet50", small_stem: bool = False, width: int = 64) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its fc layer; returns (trunk, feature width).
+
+    width = 64 is torchvision's network itself; another width scales every stage's channels."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    trunk = getattr(torchvision.models, arch)(weights=None)
+    if width == 64:
+        trunk = getattr(torchvision.models, arch)(weights=None)
+    else:
+        trunk = _ScaledResNet(*_LAYOUT[arch], width)
     feat_dim = trunk.fc.in_features
     if small_stem:
         # CIFAR-style stem: a 7x7/2 conv plus a 3x3/2 max-pool would shrink a 32 px image
@@ -54,11 +86,12 @@ class MoProNet(nn.Module):
         dim: int = 128,
         proj_hidden: int = 2048,
         small_stem: bool = False,
+        width: int = 64,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.dim = dim
-        self.encoder, self.feat_dim = build_trunk(arch, small_stem)
+        self.encoder, self.feat_dim = build_trunk(arch, small_stem, width)
         self.classifier = nn.Linear(self.feat_dim, num_classes)
         self.projection = nn.Sequential(
             nn.Linear(self.feat_dim, proj_hidden),
