@@ -90,3 +90,16 @@ def test_batch_of_mixed_cases_and_dtypes():
     assert target.tolist() == [2, 0, 1, 1]  # relabel, keep, OOD, OOD
     assert kept.tolist() == [True, True, False, False]
     assert target.dtype == torch.long and kept.dtype == torch.bool
+
+
+def test_ood_threshold_replaces_one_over_k():
+    # soft[y] = 0.125 for y = 1 (class [0], proto [1, 2] -> [0.5, 0.25, 0.25, 0] ... made 0.125 below).
+    class_logits, proto_logits = probs_logits([0]), probs_logits([0, 1, 2, 3])  # soft = [0.625, .125, .125, .125]
+    labels = torch.tensor([1])
+    assert correct_labels(class_logits, proto_logits, labels, 0.5, 0.8, K)[1].tolist() == [False]  # 0.125 <= 1/4
+    assert correct_labels(class_logits, proto_logits, labels, 0.5, 0.8, K, None)[1].tolist() == [False]  # None = 1/K
+    assert correct_labels(class_logits, proto_logits, labels, 0.5, 0.8, K, 0.01)[1].tolist() == [True]  # 0.125 > 0.01
+    assert correct_labels(class_logits, proto_logits, labels, 0.5, 0.8, K, 0.125)[1].tolist() == [False]  # strict
+    # Relabelling does not depend on the bound: max 1 > 0.8 relabels whatever ood_threshold is.
+    target, kept = correct_labels(probs_logits([2]), probs_logits([2]), torch.tensor([0]), 0.5, 0.8, K, 0.9)
+    assert target.tolist() == [2] and kept.tolist() == [True]

@@ -65,7 +65,7 @@ def score_batch(trained: Trained, images: Tensor, labels: Tensor) -> Tensor:
         class_logits, z = trained.net(images)  # b x K, b x d
     proto_logits = prototype_logits(z.float(), trained.prototypes.float(), cfg.mopro.temperature)  # b x K
     corrected, kept = correct_labels(class_logits, proto_logits, labels, cfg.mopro.alpha,
-                                     cfg.mopro.pseudo_threshold, trained.num_classes)  # b, b
+                                     cfg.mopro.pseudo_threshold, trained.num_classes, cfg.mopro.ood_threshold)  # b, b
     p_cls = torch.softmax(class_logits.float(), dim=1)  # b x K
     p_proto = torch.softmax(proto_logits, dim=1)  # b x K
     shown = corrected.unsqueeze(1)  # b x 1: the corrected label (the web label where OOD)
@@ -232,6 +232,7 @@ def clean(checkpoint: Path, out: Path | None = None, overrides: list[str] = (), 
                    "fingerprint": shards_fingerprint(Path(cfg.data.shards), cfg.data.train_split),
                    "num_classes": trained.num_classes, "class_names": catalog.class_names,
                    "rule": {"alpha": cfg.mopro.alpha, "threshold": cfg.mopro.pseudo_threshold,
+                            "ood_threshold": cfg.mopro.ood_threshold or 1 / trained.num_classes,
                             "temperature": cfg.mopro.temperature, "view": f"eval {cfg.loader.eval_resize}/"
                                                                           f"{cfg.loader.eval_resolution}"},
                    "world_size": dist.world_size(), "out": str(out),

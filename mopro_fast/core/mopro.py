@@ -51,6 +51,7 @@ class MoPro(nn.Module):
         threshold: float = 0.8,
         w_inst: float = 1.0,
         w_proto: float = 1.0,
+        ood_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -62,6 +63,7 @@ class MoPro(nn.Module):
         self.threshold = threshold
         self.w_inst = w_inst
         self.w_proto = w_proto
+        self.ood_threshold = ood_threshold  # None = 1/K (paper); see core/noise.py
         self.query = net
         # Same initial weights; never trained by the optimiser, only followed by EMA.
         self.key = copy.deepcopy(net).requires_grad_(False)

@@ -82,7 +82,7 @@ def mopro_step(
     if clean:
         target, kept = correct_labels(
             class_logits.detach(), proto_logits.detach(), labels,
-            mopro.alpha, mopro.threshold, mopro.num_classes,
+            mopro.alpha, mopro.threshold, mopro.num_classes, mopro.ood_threshold,
         )  # b, b
     else:
         target, kept = labels, torch.ones_like(labels, dtype=torch.bool)  # b, b
