@@ -19,7 +19,7 @@ from data_tools.fixture import FixtureSpec, make_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny_test.yaml"  # the few-second CPU training run; needs data.shards and run.out
-DEMO = REPO / "recipes" / "demo_cpu.yaml"
+DEMO = REPO / "recipes" / "small_data_cpu.yaml"
 
 SMALL = FixtureSpec(classes=6, train_per_class=30, val_per_class=6, imagenet_per_class=5, image_size=48,
                     seed=3, corrupt=True)

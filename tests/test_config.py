@@ -16,7 +16,7 @@ from mopro_fast.config import (Config, ConfigError, DataConfig, LoaderConfig, Mo
 RECIPES = sorted(p for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")
                  if p.name != "crt.yaml" and not p.name.startswith("convert_"))
 # training recipes; crt.yaml is tested in tests/test_after_training.py, convert_*.yaml in tests/test_convert.py
-DEMO = next(p for p in RECIPES if p.name == "demo_cpu.yaml")
+DEMO = next(p for p in RECIPES if p.name == "small_data_cpu.yaml")
 RN50_8 = next(p for p in RECIPES if p.name == "rn50_8gpu.yaml")
 RN50_1 = next(p for p in RECIPES if p.name == "rn50_1gpu.yaml")
 TINY = next(p for p in RECIPES if p.name == "tiny_test.yaml")
@@ -52,7 +52,7 @@ def write(tmp_path: Path, text: str) -> Path:
 # ---- recipes ------------------------------------------------------------------------------------
 
 def test_all_recipes_present():
-    assert {p.name for p in RECIPES} >= {"rn50_8gpu.yaml", "rn50_1gpu.yaml", "mini_webvision.yaml", "demo_cpu.yaml",
+    assert {p.name for p in RECIPES} >= {"rn50_8gpu.yaml", "rn50_1gpu.yaml", "mini_webvision.yaml", "small_data_cpu.yaml",
                                          "tiny_test.yaml"}
 
 
@@ -84,7 +84,7 @@ def test_paper_recipe_is_the_default_setup():
 
 def test_demo_recipe():
     cfg = load_config(DEMO, [])
-    assert (cfg.model.arch, cfg.loader.backend, cfg.run.precision) == ("resnet18", "torch", "fp32")
+    assert (cfg.model.arch, cfg.loader.backend, cfg.run.precision) == ("resnet18", "dali", "fp32")
     assert cfg.loader.resolution == cfg.loader.eval_resolution < cfg.loader.eval_resize <= 96  # small CPU images
     assert (cfg.data.shards, cfg.data.truth, cfg.run.out) == ("demo/shards", "demo/fixture/truth.tsv", "runs/demo")
     assert cfg.schedule.kind == "cosine" and cfg.schedule.warmup_epochs > 0

@@ -51,7 +51,7 @@ def main() -> None:
       mopro-fast verify data/shards                 # re-read and check every shard
       mopro-fast bench convert --json               # measure conversion speed
       mopro-fast demo                               # all of the above on the built-in data
-      mopro-fast train recipes/demo_cpu.yaml        # train (see recipes/)
+      mopro-fast train recipes/small_data_cpu.yaml        # train (see recipes/)
       mopro-fast clean RUN/ckpt-....pt              # cleaned labels of the training set
       mopro-fast retrain RUN/ckpt-....pt --labels RUN/clean    # cRT on them
       mopro-fast report RUN                         # HTML page: curves, counts, galleries

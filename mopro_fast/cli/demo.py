@@ -2,7 +2,8 @@
 
 1. make the built-in WebVision-shaped data set (planted label noise, OOD images, broken files);
 2. convert it to shards and verify them;
-3. train `recipes/demo_cpu.yaml` (MoPro) and evaluate on val and ImageNet-val;
+3. train `recipes/small_data_cpu.yaml`, the default small-data recipe (MoPro), and evaluate on val and
+   ImageNet-val;
 4. train the same recipe with `mopro.enabled=false` (plain cross-entropy on the web labels);
 5. print a summary: top-1/top-5 of both, noise-detection precision/recall against the planted
    truth, images/s, where the run folders and plots are.
@@ -21,7 +22,7 @@ import click
 
 from mopro_fast import RECIPES
 
-RECIPE = RECIPES / "demo_cpu.yaml"
+RECIPE = RECIPES / "small_data_cpu.yaml"
 # The demo's data: 60 training images per class, 40 % of the labels flipped to another class and
 # 10 % out-of-distribution images (a regime where cross-entropy fits the noise; see the recipe).
 DEMO_PER_CLASS, DEMO_NOISE, DEMO_OOD = 60, 0.4, 0.1

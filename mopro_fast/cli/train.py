@@ -29,10 +29,10 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
 
     \b
     Examples:
-      mopro-fast train recipes/demo_cpu.yaml
+      mopro-fast train recipes/small_data_cpu.yaml
       mopro-fast train recipes/rn50_8gpu.yaml optim.lr=0.2 run.out=runs/x
       torchrun --nproc_per_node=8 -m mopro_fast.cli train recipes/rn50_8gpu.yaml
-      mopro-fast train recipes/demo_cpu.yaml mopro.enabled=false   # cross-entropy baseline
+      mopro-fast train recipes/small_data_cpu.yaml mopro.enabled=false   # cross-entropy baseline
 
     The run folder (run.out) gets the resolved config, checkpoints, metrics.jsonl, TensorBoard
     events (tb/), PNG plots and summary.json. It is locked while the run writes it; a new run into
