@@ -69,6 +69,9 @@ def test_quick_matrix_end_to_end_and_reuse(tmp_path):
     again = run_cli("bench", "noise", "--quick", "--out", str(out), "--json")
     assert again.returncode == 0 and time.perf_counter() - start < took / 2
     assert json.loads(again.stdout)["cells"] == report["cells"]
+    table = run_cli("bench", "noise", "--table", str(out / "report.json"))
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| pair") or line.startswith("| symmetric")]
+    assert table.returncode == 0 and len(rows) == 2 and f"**{report['cells'][0]['diff']['median']:+.1f}**" in rows[0]
 
 
 def test_unknown_cell_is_one_line(tmp_path):

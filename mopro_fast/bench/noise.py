@@ -267,6 +267,26 @@ def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jo
     return report
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The README table of a report: one row per cell, medians over seeds, spread of the difference."""
+    seeds = report["settings"]["seeds"]
+    lines = [f"| cell (kind, noise, OOD, images) | MoPro | CE | MoPro - CE (min, max over {seeds} seeds) | "
+             f"detection P / R / F1 |", "|---|---|---|---|---|"]
+    for c in report["cells"]:
+        det = (f"{c['precision']['median']:.2f} / {c['recall']['median']:.2f} / {c['f1']['median']:.2f}"
+               if "f1" in c else "-")
+        lines.append(f"| {c['kind']}, {round(c['rate'] * 100)} %, {round(c['ood'] * 100)} %, {c['size']} | "
+                     f"{c['mopro_top1']['median']:.1f} | {c['ce_top1']['median']:.1f} | "
+                     f"**{c['diff']['median']:+.1f}** ({c['diff']['min']:+.1f}, {c['diff']['max']:+.1f}) | {det} |")
+    s = report["summary"]
+    lines.append("")
+    lines.append(f"Over the {s['cells']} cells: median difference **{s['median_diff']:+.1f}** points (mean "
+                 f"{s['mean_diff']:+.1f}), MoPro ahead in {s['cells_mopro_ahead']}; worst cell {s['worst_cell']} "
+                 f"{s['worst_diff']:+.1f}; detection F1 in the 40 % cells: median {s['median_f1_at_40']}, "
+                 f"min {s['min_f1_at_40']}.")
+    return "\n".join(lines)
+
+
 @click.command("noise")
 @click.option("--recipe", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=str(RECIPE),
               show_default=True, help="Training recipe; MoPro and cross-entropy both use it.")
@@ -281,15 +301,20 @@ def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jo
 @click.option("--cells", "only", default=None, help="Comma-separated cell names to run (default: all 24).")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Recipe override for every run (repeatable).")
 @click.option("--quick", is_flag=True, help="CI-sized: 2 cells of 200 images, 1 seed, a tiny model for 3 epochs.")
+@click.option("--table", "table", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Print the markdown table of an existing report.json and exit (nothing is run).")
 @json_option
 def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size: int, only: str | None,
-                extra: tuple[str, ...], quick: bool, as_json: bool) -> None:
+                extra: tuple[str, ...], quick: bool, table: Path | None, as_json: bool) -> None:
     """MoPro vs. cross-entropy on a matrix of noisy built-in data (noise kind x rate x OOD x size x seeds).
 
     Writes OUT/report.json (per cell: val top-1 of both, the difference, noise-detection precision / recall /
     F1 of MoPro's final model against the planted truth, medians and spreads) and OUT/heatmap.png; prints the
     report. The full matrix is 144 runs: about an hour on 2 cores with the default recipe.
     """
+    if table is not None:
+        click.echo(markdown(json.loads(table.read_text())))
+        return
     cells = QUICK if quick else FULL
     if only:
         names = {c.name: c for c in FULL + QUICK}
