@@ -245,3 +245,13 @@ def test_hue_is_a_nuisance_without_hue_coding():
     with pytest.raises(ValueError, match="without hue coding at most 315 classes"):
         FixtureSpec(classes=MAX_CLASSES_NO_HUE + 1, hue_coded=False).validate()
     FixtureSpec(classes=MAX_CLASSES_NO_HUE + 1).validate()  # hue-coded: up to 2520
+
+
+def test_make_fixture_cli_hue_nuisance(tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "fx"
+    result = run_cli("make-fixture", str(out), "--classes", "3", "--train-per-class", "2", "--val-per-class", "1",
+                     "--imagenet-per-class", "0", "--hue-nuisance")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"hue_coded": false' in (out / "README.txt").read_text()

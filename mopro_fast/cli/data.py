@@ -43,12 +43,16 @@ from data_tools.convert_config import DEFAULTS as D, OPTIONS, ConvertRecipe, loa
 @click.option("--flickr", default=0.3, show_default=True, type=click.FloatRange(0, 1),
               help="Fraction of training images listed under the flickr source (the rest: google).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives the same bytes.")
+@click.option("--hue-coded/--hue-nuisance", default=True, show_default=True,
+              help="Each class has its own hue, or (--hue-nuisance) every object's hue is drawn per image and "
+                   "only shape, pattern and edge tell the classes apart, as colour does not in photos "
+                   "(what `bench noise` uses).")
 @click.option("--corrupt", is_flag=True,
               help="Also plant broken web files (truncated, PNG/GIF behind .jpg, CMYK, grayscale, empty, "
                    "missing, 20000x20000) listed in OUT/corrupt.tsv.")
 def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: int, imagenet_per_class: int,
                  image_size: int, noise: float, pair: float, ood: float, flickr: float, seed: int,
-                 corrupt: bool) -> None:
+                 hue_coded: bool, corrupt: bool) -> None:
     """Write the built-in WebVision-1.0-shaped data set to OUT.
 
     Real JPEGs a small CNN can learn, with planted web noise: flipped labels and out-of-distribution
@@ -62,7 +66,7 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
         fail(f"{out} exists and is not empty; pick a new folder or delete it")
     spec = FixtureSpec(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                        imagenet_per_class=imagenet_per_class, image_size=image_size, noise=noise, pair=pair,
-                       ood=ood, flickr=flickr, seed=seed, corrupt=corrupt)
+                       ood=ood, flickr=flickr, seed=seed, corrupt=corrupt, hue_coded=hue_coded)
     try:
         spec.validate()
         summary = build(out, spec, progress=sys.stderr.isatty())
