@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mopro_fast.config import load_config
+
 from data_tools.fixture import FixtureSpec
 from mopro_fast.training.checkpoint import find_resumable, list_checkpoints
 from mopro_fast.training.observe import read_log
@@ -90,6 +92,14 @@ def test_run_learns_and_writes_metrics_tensorboard_plots_checkpoints(two_epoch_r
     summary = json.loads((two_epoch_run / "summary.json").read_text())
     assert summary["eval"]["imagenet-val"]["samples"] == 8 * 5
     assert (two_epoch_run / "config.yaml").is_file() and (two_epoch_run / "derived.json").is_file()
+    # Time-to-accuracy bookkeeping in every eval record: training seconds (evaluation and checkpoints left
+    # out), images and pixels seen so far.
+    derived = json.loads((two_epoch_run / "derived.json").read_text())
+    side = load_config(two_epoch_run / "config.yaml", []).loader.resolution
+    per_epoch = derived["steps_per_epoch"] * derived["global_batch"]
+    assert [r["images_seen"] for r in evals] == [per_epoch, 2 * per_epoch]
+    assert [r["pixels_seen"] for r in evals] == [per_epoch * side * side, 2 * per_epoch * side * side]
+    assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"] <= summary["seconds"]
 
 
 def test_truncated_checkpoint_is_skipped_on_resume(two_epoch_run: Path, tmp_path: Path, capsys) -> None:

@@ -252,11 +252,14 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
     cfg, d, pos = run.cfg, run.derived, run.pos
     results: dict[str, dict] = {}
     batches_per_epoch: list[int] = []  # this rank's, written to RUN/ranks/ (DDP needs them all equal)
-    stats = {"images": 0, "wait": 0.0, "start": time.perf_counter()}
+    # images, pixels and training seconds (evaluation and end-of-epoch checkpoints left out) since this
+    # process started: the eval records carry them, for time-to-accuracy (`bench tta`)
+    stats = {"images": 0, "pixels": 0, "wait": 0.0, "start": time.perf_counter(), "paused": 0.0}
     timer = Every(cfg.run.ckpt_every_minutes)
     for epoch in range(pos.epoch, cfg.schedule.epochs):
         use_proto, clean = mopro_switches(cfg, epoch)
-        run.train_loader.set_resolution(resolution_at(cfg.loader, epoch))
+        side = resolution_at(cfg.loader, epoch)
+        run.train_loader.set_resolution(side)
         run.train_loader.set_epoch(epoch, start_step=pos.step_in_epoch)
         window, batches, received = LogWindow(d.global_batch), iter(run.train_loader), 0
         while pos.step_in_epoch < d.steps_per_epoch:
@@ -270,6 +273,7 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
                                   None if run.truth is None else run.truth[batch.index]))
             pos.global_step, pos.step_in_epoch = pos.global_step + 1, pos.step_in_epoch + 1
             stats["images"] += d.global_batch
+            stats["pixels"] += d.global_batch * side * side
             bar.update(1)
             last = pos.step_in_epoch == d.steps_per_epoch
             every_n = bool(cfg.run.ckpt_every_steps) and pos.global_step % cfg.run.ckpt_every_steps == 0
@@ -287,9 +291,12 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
                     raise _interrupted(run, stop)
         batches_per_epoch.append(received)
         pos.epoch, pos.step_in_epoch = epoch + 1, 0
+        paused = time.perf_counter()
         if run.eval_loaders and ((epoch + 1) % cfg.run.eval_every == 0 or pos.epoch == cfg.schedule.epochs):
-            results = _evaluate(run, epoch)
+            results = _evaluate(run, epoch, {"train_seconds": round(paused - stats["start"] - stats["paused"], 3),
+                                             "images_seen": stats["images"], "pixels_seen": stats["pixels"]})
         _save(run, timer)
+        stats["paused"] += time.perf_counter() - paused
         if dist.any_true(stop.requested)[0] and pos.epoch < cfg.schedule.epochs:
             raise _interrupted(run, stop)
     return results, batches_per_epoch, stats
@@ -313,11 +320,12 @@ def _next_batch(run: Run, window: LogWindow, batches, received: int, stop: StopR
     return batch
 
 
-def _evaluate(run: Run, epoch: int) -> dict[str, dict]:
+def _evaluate(run: Run, epoch: int, progress: dict[str, float]) -> dict[str, dict]:
+    """Every eval split; the log record also carries `progress` (training seconds, images, pixels)."""
     results = {split: evaluate(run.mopro.query, loader, run.autocast, run.device)
                for split, loader in run.eval_loaders.items()}
     run.log.write("eval", run.pos.global_step, epoch,
-                  {f"{s}/{k}": v for s, r in results.items() for k, v in r.items() if k != "samples"})
+                  {**{f"{s}/{k}": v for s, r in results.items() for k, v in r.items() if k != "samples"}, **progress})
     if dist.is_main():
         print(f"epoch {epoch}: " + ", ".join(f"{s} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}"
                                              for s, r in results.items()), flush=True)
