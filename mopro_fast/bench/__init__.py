@@ -35,6 +35,9 @@ def _register() -> None:
     from mopro_fast.bench import noise as _noise
 
     bench.add_command(_noise.noise_bench)
+    from mopro_fast.bench import tta as _tta
+
+    bench.add_command(_tta.tta_bench)
     from mopro_fast.bench import suite as _suite, table as _table
 
     bench.add_command(_suite.all_bench)

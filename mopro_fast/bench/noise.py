@@ -22,19 +22,16 @@ issue's bar: median difference over the cells >= 3 points, no cell's median diff
 detection F1 >= 0.7 in every 40 % cell. A heat map of the per-cell median difference
 (heatmap.png) goes next to report.json.
 
-Runs are subprocesses of `mopro-fast train` (`--jobs` at a time, the cores split between them);
-each run folder keeps a `bench.json` with its exact command line and the recipe's sha256, so an interrupted matrix re-run
-with the same options reuses every finished run.
+Runs are subprocesses of `mopro-fast train` (`--jobs` at a time, the cores split between them;
+`mopro_fast/bench/runs.py`); each run folder keeps a `bench.json` with its exact command line and the
+recipe's sha256, so an interrupted matrix re-run with the same options reuses every finished run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +43,7 @@ import click
 
 from mopro_fast import RECIPES
 from mopro_fast.bench.kit import environment, json_option
+from mopro_fast.bench.runs import built_data, cli, train_run
 from mopro_fast.errors import MoproError
 
 KINDS = {"symmetric": 0.0, "pair": 1.0, "mix": 0.5}  # share of the flips that show the confusable class
@@ -55,8 +53,8 @@ RECIPE = RECIPES / "small_data_cpu.yaml"
 BAR = {"median_diff": 3.0, "worst_cell": -1.0, "f1_at_40": 0.7}  # the issue's "Done when"
 
 
-class NoiseBenchError(MoproError, RuntimeError):
-    """A run of the matrix failed; the message names its log."""
+class NoiseBenchError(MoproError, ValueError):
+    """The matrix cannot run as asked (one line)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def schedule_overrides(recipe: Path, size: int, reference: int, extra: list[str]
     """The recipe's schedule for `reference` images -> the same number of steps for `size` images."""
     from mopro_fast.config import load_config
 
-    cfg = load_config(recipe, [f"run.out=unused", "data.shards=unused", *extra])
+    cfg = load_config(recipe, ["run.out=unused", "data.shards=unused", *extra])
     epochs = cfg.schedule.epochs
     scaled = max(1, round(epochs * reference / size))
     at = lambda e: min(scaled, max(0, round(e * scaled / epochs)))  # noqa: E731 - same fraction of the run
@@ -109,56 +107,27 @@ def schedule_overrides(recipe: Path, size: int, reference: int, extra: list[str]
 
 def make_data(work: Path, cell: Cell, seed: int) -> Path:
     """The cell's fixture and shards under WORK/data (reused when already converted)."""
-    from data_tools.convert import ConvertSettings, convert
-    from data_tools.fixture import make_fixture
-
-    root = work / "data" / f"{cell.name}-s{seed}"
-    if not (root / "shards" / "manifest.json").is_file():
-        if (root / "fixture").exists():
-            import shutil
-
-            shutil.rmtree(root / "fixture")  # a half-written fixture of an interrupted bench (our own output)
-        make_fixture(root / "fixture", cell.spec(seed))
-        convert(root / "fixture", root / "shards", ConvertSettings(shard_size=400), workers=1, overwrite=True,
-                progress=False)
-    return root
-
-
-def _run(cmd: list[str], log: Path, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log, "w") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise NoiseBenchError(f"{' '.join(cmd[3:5])} failed (exit {code}): {tail[0][:200]}; full log: {log}")
+    return built_data(work / "data" / f"{cell.name}-s{seed}", cell.spec(seed))
 
 
 def train_one(work: Path, data: Path, name: str, recipe: Path, overrides: list[str], threads: int,
               detect: bool) -> dict[str, Any]:
     """One training run (+ `clean` for MoPro), reused when its bench.json matches; returns its figures."""
-    run_dir = work / "runs" / name
-    cmd = [sys.executable, "-m", "mopro_fast.cli", "train", str(recipe), f"data.shards={data / 'shards'}",
-           f"data.truth={data / 'fixture' / 'truth.tsv'}", "data.eval_splits=[val]", f"run.out={run_dir}",
-           "run.tensorboard=false", "run.progress_seconds=0", f"loader.workers={threads}", *overrides]
-    stamp, key = run_dir / "bench.json", {"command": cmd[3:], "recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest()}
-    if stamp.is_file() and all(json.loads(stamp.read_text()).get(k) == v for k, v in key.items()):
-        return json.loads(stamp.read_text())["result"]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    _run([*cmd, "--overwrite-run"], run_dir.parent / f"{name}.log", threads)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    result: dict[str, Any] = {"val_top1": summary["eval"]["val"]["top1"]}
-    if detect:
-        checkpoint = sorted(run_dir.glob("ckpt-*.pt"))[-1]
-        _run([sys.executable, "-m", "mopro_fast.cli", "clean", str(checkpoint), "--out", str(run_dir / "clean")],
-             run_dir.parent / f"{name}.clean.log", threads)
-        truth = json.loads((run_dir / "clean" / "summary.json").read_text())["truth"]
-        p, r = truth["precision"], truth["recall"]
-        result.update(precision=round(p, 4), recall=round(r, 4), f1=round(2 * p * r / (p + r), 4) if p + r else 0.0,
-                      flagged=truth["flagged"], noisy=truth["noisy"])
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    stamp.write_text(json.dumps({**key, "result": result}, indent=1) + "\n")
-    return result
+
+    def measure(run_dir: Path) -> dict[str, Any]:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        result: dict[str, Any] = {"val_top1": summary["eval"]["val"]["top1"]}
+        if detect:
+            checkpoint = sorted(run_dir.glob("ckpt-*.pt"))[-1]
+            cli(["clean", str(checkpoint), "--out", str(run_dir / "clean")], run_dir.parent / f"{name}.clean.log",
+                threads)
+            truth = json.loads((run_dir / "clean" / "summary.json").read_text())["truth"]
+            p, r = truth["precision"], truth["recall"]
+            result.update(precision=round(p, 4), recall=round(r, 4), f1=round(2 * p * r / (p + r), 4) if p + r else 0.0,
+                          flagged=truth["flagged"], noisy=truth["noisy"])
+        return result
+
+    return train_run(work / "runs" / name, recipe, data, overrides, threads, measure)
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
