@@ -69,6 +69,17 @@ def test_quick_matrix_end_to_end_and_reuse(tmp_path):
     again = run_cli("bench", "noise", "--quick", "--out", str(out), "--json")
     assert again.returncode == 0 and time.perf_counter() - start < took / 2
     assert json.loads(again.stdout)["cells"] == report["cells"]
+    # An ablation of a mopro.* key: new MoPro runs under its tag, the cross-entropy runs reused untouched.
+    ce_stamp = out / "runs" / "pair-n40-ood10-200-s0-ce" / "bench.json"
+    before = ce_stamp.stat().st_mtime_ns
+    ablation = run_cli("bench", "noise", "--quick", "--out", str(out), "--tag", "inst1", "--set", "mopro.w_inst=1",
+                       "--json")
+    assert ablation.returncode == 0, ablation.stderr[-2000:]
+    varied = json.loads(ablation.stdout)
+    assert varied["settings"]["tag"] == "inst1" and (out / "report-inst1.json").is_file()
+    assert (out / "heatmap-inst1.png").is_file() and ce_stamp.stat().st_mtime_ns == before
+    assert [c["ce_top1"] for c in varied["cells"]] == [c["ce_top1"] for c in report["cells"]]
+    assert (out / "runs" / "pair-n40-ood10-200-s0-mopro-inst1" / "bench.json").is_file()
     table = run_cli("bench", "noise", "--table", str(out / "report.json"))
     rows = [line for line in table.stdout.splitlines() if line.startswith("| pair") or line.startswith("| symmetric")]
     assert table.returncode == 0 and len(rows) == 2 and f"**{report['cells'][0]['diff']['median']:+.1f}**" in rows[0]

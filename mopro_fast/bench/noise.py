@@ -196,23 +196,31 @@ def heat_map(cells: list[dict], path: Path, title: str) -> None:
 
 
 def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jobs: int, reference: int,
-               extra: list[str], log=print) -> dict[str, Any]:
-    """Every (cell, seed, method) run, `jobs` at a time; the report (also written to WORK/report.json)."""
+               extra: list[str], log=print, tag: str = "") -> dict[str, Any]:
+    """Every (cell, seed, method) run, `jobs` at a time; the report (also written to WORK/report.json).
+
+    `tag` names a variant (an ablation): its MoPro runs are `...-mopro-TAG` and its report
+    report-TAG.json / heatmap-TAG.png; the cross-entropy runs are shared when the variant only
+    changes mopro.* keys."""
+    suffix = f"-{tag}" if tag else ""
     work.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plan = []
+    ce_extra = [o for o in extra if not o.startswith("mopro.")]
     for cell in cells:
         schedule = schedule_overrides(recipe, cell.size, reference, extra)
         for seed in range(seeds):
             data = make_data(work, cell, seed)
-            for method, switch in (("mopro", []), ("ce", ["mopro.enabled=false"])):
-                plan.append((cell, seed, method, data, [*extra, *schedule, *switch]))
+            plan.append((cell, seed, "mopro", data, [*extra, *schedule]))
+            # mopro.* settings mean nothing to cross-entropy: left out, an ablation of them reuses its runs
+            plan.append((cell, seed, "ce", data, [*ce_extra, *schedule, "mopro.enabled=false"]))
     results: dict[tuple[str, int], dict[str, dict]] = {}
     done, lock, start = [0], threading.Lock(), time.perf_counter()
 
     def one(item) -> None:
         cell, seed, method, data, overrides = item
-        result = train_one(work, data, f"{cell.name}-s{seed}-{method}", recipe, overrides, threads, method == "mopro")
+        name = f"{cell.name}-s{seed}-{method}" + (suffix if method == "mopro" else "")
+        result = train_one(work, data, name, recipe, overrides, threads, method == "mopro")
         with lock:
             results.setdefault((cell.name, seed), {})[method] = result
             done[0] += 1
@@ -227,11 +235,11 @@ def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jo
     summaries = [summarize_cell(c, {s: results[c.name, s] for s in range(seeds)}) for c in cells]
     report = {"bench": "noise", "recipe": str(recipe), "settings": {
         "seeds": seeds, "jobs": jobs, "reference_size": reference, "classes": CLASSES, "val_per_class": VAL_PER_CLASS,
-        "overrides": extra, "hue_coded": False, "kinds": KINDS}, "cells": summaries, "summary": verdict(summaries),
+        "overrides": extra, "tag": tag, "hue_coded": False, "kinds": KINDS}, "cells": summaries, "summary": verdict(summaries),
         "seconds": round(time.perf_counter() - start, 1), "env": environment("cpu")}
-    (work / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (work / f"report{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     s = report["summary"]
-    heat_map(summaries, work / "heatmap.png", f"{Path(recipe).name}, median of {seeds} data seed(s) per cell\n"
+    heat_map(summaries, work / f"heatmap{suffix}.png", f"{Path(recipe).name}, median of {seeds} data seed(s) per cell\n"
                                               f"over the cells: median {s['median_diff']:+.1f}, worst {s['worst_diff']:+.1f}")
     return report
 
@@ -269,12 +277,14 @@ def markdown(report: dict[str, Any]) -> str:
               help="Training images the recipe's schedule is given for; other sizes keep its number of steps.")
 @click.option("--cells", "only", default=None, help="Comma-separated cell names to run (default: all 24).")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Recipe override for every run (repeatable).")
+@click.option("--tag", default="", help="Name of a variant (e.g. an ablation with --set mopro.KEY=VALUE): its MoPro runs "
+              "and report-TAG.json / heatmap-TAG.png sit next to the default's; cross-entropy runs are shared.")
 @click.option("--quick", is_flag=True, help="CI-sized: 2 cells of 200 images, 1 seed, a tiny model for 3 epochs.")
 @click.option("--table", "table", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Print the markdown table of an existing report.json and exit (nothing is run).")
 @json_option
 def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size: int, only: str | None,
-                extra: tuple[str, ...], quick: bool, table: Path | None, as_json: bool) -> None:
+                extra: tuple[str, ...], tag: str, quick: bool, table: Path | None, as_json: bool) -> None:
     """MoPro vs. cross-entropy on a matrix of noisy built-in data (noise kind x rate x OOD x size x seeds).
 
     Writes OUT/report.json (per cell: val top-1 of both, the difference, noise-detection precision / recall /
@@ -295,7 +305,9 @@ def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size:
     if quick:
         seeds, reference_size, extra = 1, 200, (*QUICK_SET, *extra)
     log = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    report = run_matrix(cells, seeds, recipe, work, jobs, reference_size, list(extra), log)
+    if tag and not tag.replace("-", "").replace("_", "").isalnum():
+        raise NoiseBenchError(f"--tag {tag!r}: use letters, digits, - and _ only (it becomes part of file names)")
+    report = run_matrix(cells, seeds, recipe, work, jobs, reference_size, list(extra), log, tag)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -307,4 +319,5 @@ def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size:
     s = report["summary"]
     click.echo(f"median difference {s['median_diff']:+.2f}, worst cell {s['worst_cell']} {s['worst_diff']:+.1f}, "
                f"min F1 at 40 % {s['min_f1_at_40']}; bar: {s['bar']}")
-    click.echo(f"report: {work / 'report.json'}, heat map: {work / 'heatmap.png'}")
+    suffix = f"-{tag}" if tag else ""
+    click.echo(f"report: {work / f'report{suffix}.json'}, heat map: {work / f'heatmap{suffix}.png'}")
