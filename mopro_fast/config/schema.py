@@ -103,6 +103,11 @@ class OptimConfig:
     """Nesterov momentum (needs momentum > 0)."""
     impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     """SGD kernel: auto = fused where the device supports it, else foreach."""
+    label_smoothing: float = spec(0.0, ge=0, lt=1)
+    """Label smoothing eps of the classifier's cross-entropy (Szegedy et al. 2016, "Rethinking the Inception
+    Architecture", section 7; FFCV's rn50 recipes use 0.1): the target is (1 - eps) one-hot + eps / K. Only
+    MoPro's classification loss and the cross-entropy baseline (mopro.enabled=false) use it; the prototype loss,
+    the instance loss and the noise correction (which reads the raw logits) do not. 0 = the paper."""
 
 
 @dataclass

@@ -59,10 +59,12 @@ class Position:
     global_step: int = 0
 
 
-def ce_step(net: nn.Module, view_q: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The cross-entropy baseline (`mopro.enabled=false`): web labels as they are, weak view only."""
+def ce_step(net: nn.Module, view_q: Tensor, labels: Tensor, label_smoothing: float = 0.0
+            ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The cross-entropy baseline (`mopro.enabled=false`): web labels as they are, weak view only;
+    `label_smoothing` as `optim.label_smoothing` says (0 = none)."""
     logits, _ = net(view_q)  # b x K
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     acc = (logits.detach().argmax(1) == labels).float().mean()  # fraction, like mopro_step's
     return loss, {"loss": loss.detach(), "loss_cls": loss.detach(), "acc_cls": acc}
 
@@ -78,7 +80,7 @@ def train_step(mopro_enabled: bool, step_fn, mopro: MoPro, query: nn.Module, opt
             loss, metrics = step_fn(mopro, batch.view_q, batch.view_k, batch.label, use_proto_loss=use_proto,
                                     clean=clean, query_net=query, truth=truth)
         else:
-            loss, metrics = ce_step(query, batch.view_q, batch.label)
+            loss, metrics = ce_step(query, batch.view_q, batch.label, mopro.label_smoothing)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -110,7 +112,7 @@ def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, 
                     cfg.model.width)
     mopro = MoPro(net, num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
                   cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
-                  cfg.mopro.w_inst, cfg.mopro.w_proto, cfg.mopro.ood_threshold).to(device)
+                  cfg.mopro.w_inst, cfg.mopro.w_proto, cfg.mopro.ood_threshold, cfg.optim.label_smoothing).to(device)
     if init:
         note = init_from(Path(init), mopro)
         if dist.is_main():
