@@ -91,3 +91,63 @@ def test_ce_baseline_smoothing():
     loss1, metrics = ce_step(net, view_q, labels, 0.1)
     assert torch.equal(loss1, F.cross_entropy(logits, labels, label_smoothing=0.1)) and loss1 != loss0
     assert torch.equal(metrics["loss_cls"], loss1.detach())
+
+
+# ---- no weight decay on BN and biases ----------------------------------------------------------
+
+def built(tmp_path, *overrides: str):
+    from conftest import TINY
+    from mopro_fast.config import load_config
+    from mopro_fast.training.train import build_model
+
+    cfg = load_config(TINY, ["data.shards=s", f"run.out={tmp_path}", "model.width=8", *overrides])
+    return build_model(cfg, 10, 0.1, torch.device("cpu"))
+
+
+def test_default_is_one_group_with_decay_on_everything(tmp_path):
+    training = built(tmp_path)
+    (group,) = training.optimizer.param_groups
+    assert [id(p) for p in group["params"]] == [id(p) for p in training.mopro.query.parameters()]
+    assert group["weight_decay"] == 5e-4 and group["lr"] == 0.1  # tiny_test.yaml's
+    assert training.mopro.label_smoothing == 0.0
+
+
+def test_no_bn_weight_decay_puts_every_1d_parameter_and_only_those_in_a_no_decay_group(tmp_path):
+    training = built(tmp_path, "optim.no_bn_weight_decay=true", "optim.label_smoothing=0.1")
+    decay, no_decay = training.optimizer.param_groups
+    query = training.mopro.query
+    named = {id(p): name for name, p in query.named_parameters()}
+    one_d = {name for name, p in query.named_parameters() if p.ndim == 1}
+    assert {named[id(p)] for p in no_decay["params"]} == one_d
+    assert {named[id(p)] for p in decay["params"]} == set(named.values()) - one_d
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+    bn = {f"{name}.{w}" for name, m in query.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+          for w in ("weight", "bias")}
+    assert bn and bn <= one_d and {"classifier.bias", "projection.0.bias", "projection.2.bias"} <= one_d
+    assert all(name.endswith("bias") or name in bn for name in one_d)
+    assert {"classifier.weight", "encoder.conv1.weight"} <= set(named.values()) - one_d
+    assert training.mopro.label_smoothing == 0.1  # optim.label_smoothing reaches the step
+
+
+def test_no_bn_weight_decay_leaves_1d_parameters_undecayed_in_a_step(tmp_path):
+    """With zero gradients, SGD moves a parameter only by its weight decay: BN and biases stay put."""
+    training = built(tmp_path, "optim.no_bn_weight_decay=true", "optim.impl=for_loop", "optim.weight_decay=0.1")
+    query = training.mopro.query
+    before = {name: p.detach().clone() for name, p in query.named_parameters()}
+    for p in query.parameters():
+        p.grad = torch.zeros_like(p)
+    training.optimizer.step()
+    for name, p in query.named_parameters():
+        assert torch.equal(p, before[name]) == (p.ndim == 1 or not before[name].any()), name
+
+
+def test_resume_across_a_change_of_the_switch_is_one_line(tmp_path):
+    import pytest
+
+    from mopro_fast.training.checkpoint import CheckpointError
+    from mopro_fast.training.resume import apply_resume
+
+    one, two = built(tmp_path), built(tmp_path, "optim.no_bn_weight_decay=true")
+    state = {"model": one.mopro.state_dict(), "optimizer": one.optimizer.state_dict(), "scaler": None, "rng": None}
+    with pytest.raises(CheckpointError, match=r"^ckpt.pt: its optimiser state does not fit .*no_bn_weight_decay"):
+        apply_resume("ckpt.pt", state, None, two.mopro, two.optimizer, two.scaler)

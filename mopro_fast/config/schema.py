@@ -99,6 +99,11 @@ class OptimConfig:
     """SGD momentum."""
     weight_decay: float = spec(1e-4, ge=0)
     """L2 weight decay."""
+    no_bn_weight_decay: bool = False
+    """No weight decay on BatchNorm weights and biases and on every bias (the 1-d parameters; a second
+    optimiser param group, training/runtime.py `decay_groups`), as in Goyal et al. 2017 ("Accurate, Large
+    Minibatch SGD", section 5.1) and FFCV's rn50 recipes. false = the paper (decay on every parameter). A run
+    cannot resume across a change of this switch (the optimiser state has another number of groups)."""
     nesterov: bool = False
     """Nesterov momentum (needs momentum > 0)."""
     impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"

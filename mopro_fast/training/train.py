@@ -124,8 +124,8 @@ def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, 
     if world > 1:
         # Only the query network is trained; the key network follows by EMA outside DDP's sync.
         query = nn.parallel.DistributedDataParallel(mopro.query, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = runtime.sgd(mopro.query.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay,
-                            cfg.optim.nesterov, cfg.optim.impl, device)
+    optimizer = runtime.sgd(runtime.decay_groups(mopro.query, cfg.optim.no_bn_weight_decay), lr, cfg.optim.momentum,
+                            cfg.optim.weight_decay, cfg.optim.nesterov, cfg.optim.impl, device)
     return Training(mopro, query, optimizer, runtime.grad_scaler(device, cfg.run.precision),
                     runtime.autocast(device, cfg.run.precision),
                     torch.compile(mopro_step) if cfg.run.compile else mopro_step)
