@@ -64,7 +64,7 @@ def test_recipe_loads_and_sets_nothing_ignored(recipe):
     raw = yaml.safe_load(recipe.read_text())
     assert recipe.read_text().startswith("#"), "a recipe starts with a comment saying what it is for"
     assert len(recipe.read_text().splitlines()) <= 45
-    if cfg.schedule.kind == "cosine":
+    if cfg.schedule.kind != "step":
         assert not {"milestones", "gamma"} & set(raw.get("schedule", {}))
     if cfg.loader.backend != "dali":
         assert "hw_decoder_load" not in raw.get("loader", {})
@@ -309,6 +309,20 @@ def test_cosine_schedule_with_warmup():
     assert lr_at(d, 40) == pytest.approx(0.075, abs=1e-12)
     assert 0 < lr_at(d, 99) < 1e-3
     assert all(lr_at(d, s) >= lr_at(d, s + 1) for s in range(10, 100))
+
+
+def test_linear_schedule_with_warmup():
+    # 10 steps per epoch, warm-up 1 epoch = 10 steps, then a straight line from 0.1 at step 10 to 0 at step 100
+    d = derive(base_config(epochs=10, kind="linear", warmup_epochs=1.0), 8, 2560)
+    assert (d.schedule, d.warmup_steps, d.total_steps, d.milestone_steps) == ("linear", 10, 100, ())
+    expected = {0: 0.01, 4: 0.05, 9: 0.1, 10: 0.1, 55: 0.05, 99: 0.1 / 90, 100: 0.0, 150: 0.0}
+    for step, lr in expected.items():
+        assert lr_at(d, step) == pytest.approx(lr, abs=1e-12), step
+    drops = [lr_at(d, s) - lr_at(d, s + 1) for s in range(10, 99)]
+    assert drops == pytest.approx([0.1 / 90] * 89, abs=1e-12)  # one slope, from warm-up end to the last step
+    assert "linear decay to 0" in d.describe()
+    none = derive(base_config(epochs=10, kind="linear"), 8, 2560)  # no warm-up: the peak at step 0
+    assert (lr_at(none, 0), lr_at(none, 50)) == (pytest.approx(0.1), pytest.approx(0.05))
 
 
 def test_lr_scales_with_global_batch_in_the_schedule():

@@ -29,7 +29,7 @@ class Derived:
     epochs: int
     total_steps: int
     warmup_steps: int
-    schedule: str  # "step" | "cosine"
+    schedule: str  # "step" | "cosine" | "linear"
     milestone_steps: tuple[int, ...]  # step decay points, in steps
     gamma: float
     proto_start_epoch: int | None  # None: MoPro disabled
@@ -42,7 +42,7 @@ class Derived:
     def describe(self) -> str:
         """One paragraph, printed once at the start of a run."""
         decay = (f"step decay x{self.gamma} at steps {', '.join(map(str, self.milestone_steps)) or 'none'}"
-                 if self.schedule == "step" else "cosine decay to 0")
+                 if self.schedule == "step" else f"{self.schedule} decay to 0")
         mopro = ("MoPro off: plain cross-entropy on the web labels" if self.proto_start_epoch is None else
                  f"MoPro: prototype loss from epoch {self.proto_start_epoch}, noise cleaning from epoch "
                  f"{self.clean_start_epoch} (epochs count from 0)")

@@ -18,12 +18,14 @@ from mopro_fast.config.schema import Config, LoaderConfig
 def lr_at(d: Derived, step: int) -> float:
     """Learning rate at global step `step` (0-based), set every iteration: linear warm-up to the
     peak over `warmup_steps` ((step + 1) / warmup_steps), times step decay (gamma per milestone
-    passed) or a half cosine from the end of warm-up to 0 at `total_steps`."""
+    passed), a half cosine, or a straight line (FFCV rn50's step-free "triangular" schedule) from
+    the end of warm-up to 0 at `total_steps`; so the last step, total_steps - 1, of a linear
+    schedule has peak / (total_steps - warmup_steps)."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    if d.schedule == "cosine":
+    if d.schedule in ("cosine", "linear"):
         t = min(max(step - d.warmup_steps, 0) / max(1, d.total_steps - d.warmup_steps), 1.0)
-        lr = d.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        lr = d.lr * 0.5 * (1.0 + math.cos(math.pi * t)) if d.schedule == "cosine" else d.lr * (1.0 - t)
     else:
         lr = d.lr * d.gamma ** sum(step >= m for m in d.milestone_steps)
     if step < d.warmup_steps:

@@ -119,8 +119,10 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = spec(90, ge=1)
     """Training epochs."""
-    kind: Literal["step", "cosine"] = "step"
-    """step: multiply by `gamma` at each milestone; cosine: to 0 at the last step."""
+    kind: Literal["step", "cosine", "linear"] = "step"
+    """step: multiply by `gamma` at each milestone (the paper); cosine: a half cosine to 0 at the end; linear:
+    a straight line from the end of warm-up to 0 at the end (FFCV's rn50 recipes, their step-free
+    "triangular" schedule with `warmup_epochs` as its peak epoch). Every kind starts with the linear warm-up."""
     milestones: list[int] = spec([40, 80], ge=1)
     """Epochs at which step decay applies (kind=step only); increasing, < epochs."""
     gamma: float = spec(0.1, gt=0, le=1)
