@@ -54,6 +54,10 @@ class ModelConfig:
     width: int = spec(64, ge=1)
     """Channels of the stem (64 = torchvision's ResNet); every stage is scaled by width / 64, compute by
     about its square. The small-data CPU recipes use 32."""
+    blurpool: bool = False
+    """Anti-aliased downsampling (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again"; FFCV's rn50
+    recipes): every strided conv of the residual stages (not the stem) first blurs its input with a fixed 3x3
+    binomial filter (core/blurpool.py). Same parameters and state-dict keys; false = torchvision's ResNet."""
     proj_dim: int = spec(128, ge=1)
     """Embedding width d of the projection head (paper: 128)."""
     proj_hidden: int = spec(2048, ge=1)

@@ -109,7 +109,7 @@ def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, 
     model (`init_from`). With `world` > 1 the query network is wrapped in DDP. The trainer and the
     `bench step`/`bench e2e` benchmarks build through here."""
     net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem,
-                    cfg.model.width)
+                    cfg.model.width, cfg.model.blurpool)
     mopro = MoPro(net, num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
                   cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
                   cfg.mopro.w_inst, cfg.mopro.w_proto, cfg.mopro.ood_threshold, cfg.optim.label_smoothing).to(device)
