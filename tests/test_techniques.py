@@ -151,3 +151,18 @@ def test_resume_across_a_change_of_the_switch_is_one_line(tmp_path):
     state = {"model": one.mopro.state_dict(), "optimizer": one.optimizer.state_dict(), "scaler": None, "rng": None}
     with pytest.raises(CheckpointError, match=r"^ckpt.pt: its optimiser state does not fit .*no_bn_weight_decay"):
         apply_resume("ckpt.pt", state, None, two.mopro, two.optimizer, two.scaler)
+
+
+# ---- MoPro's momenta from Derived ----------------------------------------------------------------
+
+def test_build_model_takes_the_derived_momenta(tmp_path):
+    from conftest import TINY
+    from mopro_fast.config import derive, load_config
+    from mopro_fast.training.train import build_model
+
+    cfg = load_config(TINY, ["data.shards=s", f"run.out={tmp_path}", "model.width=8", "mopro.momentum_batch=8"])
+    assert (built(tmp_path).mopro.momentum, built(tmp_path).mopro.proto_momentum) == \
+        (cfg.mopro.momentum, cfg.mopro.proto_momentum)  # none given: the recipe's values as they are
+    d = derive(cfg, world_size=1, num_train=96)  # global batch 32 = 4 x momentum_batch
+    mopro = build_model(cfg, 10, 0.1, torch.device("cpu"), momenta=(d.key_momentum, d.proto_momentum)).mopro
+    assert mopro.momentum == cfg.mopro.momentum ** 4 and mopro.proto_momentum == cfg.mopro.proto_momentum

@@ -1,7 +1,7 @@
 """Schedules: pure functions of the step or the epoch, computed from the config.
 
     lr = lr_at(d, step)                            # per-iteration lr (STYLE.md point 10); d = derive(...)
-    use_proto, clean = mopro_switches(cfg, epoch)  # MoPro's losses and cleaning by epoch
+    use_proto, clean = mopro_switches(d, epoch)    # MoPro's losses and cleaning by epoch
     side = resolution_at(cfg.loader, epoch)        # training crop side (progressive resizing)
 
 Epochs are numbered from 0, steps too.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from mopro_fast.config.derive import Derived
-from mopro_fast.config.schema import Config, LoaderConfig
+from mopro_fast.config.schema import LoaderConfig
 
 
 def lr_at(d: Derived, step: int) -> float:
@@ -33,11 +33,12 @@ def lr_at(d: Derived, step: int) -> float:
     return lr
 
 
-def mopro_switches(cfg: Config, epoch: int) -> tuple[bool, bool]:
+def mopro_switches(d: Derived, epoch: int) -> tuple[bool, bool]:
     """(use the prototype loss, correct noisy labels) in 0-based `epoch` (DESIGN.md section 1,
-    steps 4 and 5); both false when MoPro is disabled."""
-    m = cfg.mopro
-    return m.enabled and epoch >= m.proto_start_epoch, m.enabled and epoch >= m.start_clean_epoch
+    steps 4 and 5), from the start epochs `derive` resolved (mopro.*_epoch or *_fraction); both
+    false when MoPro is disabled."""
+    proto, clean = d.proto_start_epoch, d.clean_start_epoch
+    return proto is not None and epoch >= proto, clean is not None and epoch >= clean
 
 
 def resolution_at(loader: LoaderConfig, epoch: int) -> int:

@@ -73,9 +73,14 @@ class MoproConfig:
     temperature: float = spec(0.1, gt=0)
     """Temperature T of the instance and prototype logits."""
     momentum: float = spec(0.999, ge=0, lt=1)
-    """EMA factor m of the key (momentum) encoder, per step."""
+    """EMA factor m of the key (momentum) encoder, per step (of a global batch of `momentum_batch`, if set)."""
     proto_momentum: float = spec(0.999, ge=0, lt=1)
-    """EMA factor m_p of the class prototypes, per sample."""
+    """EMA factor m_p of the class prototypes, per sample (so the same decay per image seen at any batch)."""
+    momentum_batch: int | None = spec(None, ge=1)
+    """Global batch (images) that `momentum` is given for (paper: 256); set, the key encoder's EMA factor per
+    step is momentum ** (global batch / momentum_batch), the same decay per image seen at any batch
+    (config/derive.py, `Derived.key_momentum`). `proto_momentum` is per sample already and is left as it is.
+    null = `momentum` per step whatever the batch (the paper)."""
     alpha: float = spec(0.5, ge=0, le=1)
     """Weight of the classifier in the soft label (1 - alpha for the prototypes)."""
     pseudo_threshold: float = spec(0.8, gt=0, le=1)
@@ -91,6 +96,13 @@ class MoproConfig:
     """First epoch with the prototype loss (epoch 0 has no prototypes yet); = epochs: never."""
     start_clean_epoch: int = spec(11, ge=0)
     """First epoch with noise correction (before it every label is kept); = epochs: never."""
+    proto_start_fraction: float | None = spec(None, ge=0, le=1)
+    """`proto_start_epoch` as a fraction of schedule.epochs, which survives a change of run length (paper: 1/90):
+    when set it wins over proto_start_epoch; the epoch is fraction x epochs rounded half up (1: never).
+    null = proto_start_epoch."""
+    clean_start_fraction: float | None = spec(None, ge=0, le=1)
+    """`start_clean_epoch` as a fraction of schedule.epochs (paper: 11/90); when set it wins over
+    start_clean_epoch, rounded half up like proto_start_fraction. null = start_clean_epoch."""
 
 
 @dataclass

@@ -102,16 +102,19 @@ class Training(NamedTuple):
 
 
 def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, world: int = 1,
-                init: str | Path | None = None) -> Training:
+                init: str | Path | None = None, momenta: tuple[float, float] | None = None) -> Training:
     """Model, optimiser, GradScaler, autocast and step function as the recipe says: `cfg.model`,
-    `cfg.mopro`, `cfg.optim` (`lr` is the peak lr, `Derived.lr`) and `cfg.run`'s precision,
+    `cfg.mopro`, `cfg.optim` (`lr` is the peak lr, `Derived.lr`; `momenta` the key-encoder and
+    prototype momenta, `Derived.key_momentum` and `proto_momentum`, None = mopro.momentum and
+    proto_momentum as given) and `cfg.run`'s precision,
     channels_last and compile. The caller seeds first. `init`: a checkpoint whose weights start the
     model (`init_from`). With `world` > 1 the query network is wrapped in DDP. The trainer and the
     `bench step`/`bench e2e` benchmarks build through here."""
     net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem,
                     cfg.model.width, cfg.model.blurpool)
+    key_m, proto_m = momenta or (cfg.mopro.momentum, cfg.mopro.proto_momentum)
     mopro = MoPro(net, num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
-                  cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
+                  key_m, proto_m, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
                   cfg.mopro.w_inst, cfg.mopro.w_proto, cfg.mopro.ood_threshold, cfg.optim.label_smoothing).to(device)
     if init:
         note = init_from(Path(init), mopro)
@@ -218,7 +221,8 @@ def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None)
         return finished_note(cfg, folder.path, *found)  # before anything is written
 
     run = Run(cfg, derived, folder, device, world,
-              *build_model(cfg, derived.num_classes, derived.lr, device, world, init), Position())
+              *build_model(cfg, derived.num_classes, derived.lr, device, world, init,
+                           (derived.key_momentum, derived.proto_momentum)), Position())
     if found is not None:
         # (a checkpoint that does not fit fails here, before anything is written)
         run.pos = Position(*apply_resume(*found, cfg, run.mopro, run.optimizer, run.scaler))
@@ -257,7 +261,7 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
     stats = {"images": 0, "wait": 0.0, "start": time.perf_counter()}
     timer = Every(cfg.run.ckpt_every_minutes)
     for epoch in range(pos.epoch, cfg.schedule.epochs):
-        use_proto, clean = mopro_switches(cfg, epoch)
+        use_proto, clean = mopro_switches(d, epoch)
         run.train_loader.set_resolution(resolution_at(cfg.loader, epoch))
         run.train_loader.set_epoch(epoch, start_step=pos.step_in_epoch)
         window, batches, received = LogWindow(d.global_batch), iter(run.train_loader), 0
