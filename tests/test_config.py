@@ -64,7 +64,7 @@ def test_recipe_loads_and_sets_nothing_ignored(recipe):
     raw = yaml.safe_load(recipe.read_text())
     assert recipe.read_text().startswith("#"), "a recipe starts with a comment saying what it is for"
     assert len(recipe.read_text().splitlines()) <= 45
-    if cfg.schedule.kind == "cosine":
+    if cfg.schedule.kind != "step":
         assert not {"milestones", "gamma"} & set(raw.get("schedule", {}))
     if cfg.loader.backend != "dali":
         assert "hw_decoder_load" not in raw.get("loader", {})
@@ -311,6 +311,20 @@ def test_cosine_schedule_with_warmup():
     assert all(lr_at(d, s) >= lr_at(d, s + 1) for s in range(10, 100))
 
 
+def test_linear_schedule_with_warmup():
+    # 10 steps per epoch, warm-up 1 epoch = 10 steps, then a straight line from 0.1 at step 10 to 0 at step 100
+    d = derive(base_config(epochs=10, kind="linear", warmup_epochs=1.0), 8, 2560)
+    assert (d.schedule, d.warmup_steps, d.total_steps, d.milestone_steps) == ("linear", 10, 100, ())
+    expected = {0: 0.01, 4: 0.05, 9: 0.1, 10: 0.1, 55: 0.05, 99: 0.1 / 90, 100: 0.0, 150: 0.0}
+    for step, lr in expected.items():
+        assert lr_at(d, step) == pytest.approx(lr, abs=1e-12), step
+    drops = [lr_at(d, s) - lr_at(d, s + 1) for s in range(10, 99)]
+    assert drops == pytest.approx([0.1 / 90] * 89, abs=1e-12)  # one slope, from warm-up end to the last step
+    assert "linear decay to 0" in d.describe()
+    none = derive(base_config(epochs=10, kind="linear"), 8, 2560)  # no warm-up: the peak at step 0
+    assert (lr_at(none, 0), lr_at(none, 50)) == (pytest.approx(0.1), pytest.approx(0.05))
+
+
 def test_lr_scales_with_global_batch_in_the_schedule():
     d = derive(base_config(epochs=2, kind="step", milestones=[1], gamma=0.5), world_size=4, num_train=4096)
     assert (d.global_batch, d.steps_per_epoch) == (128, 32)
@@ -323,13 +337,54 @@ def test_lr_scales_with_global_batch_in_the_schedule():
 
 def test_mopro_switches_at_boundaries():
     cfg = base_config()  # paper: prototype loss from epoch 1, cleaning from epoch 11
-    assert mopro_switches(cfg, 0) == (False, False)
-    assert mopro_switches(cfg, 1) == (True, False)
-    assert mopro_switches(cfg, 10) == (True, False)
-    assert mopro_switches(cfg, 11) == (True, True)
-    assert mopro_switches(cfg, 89) == (True, True)
-    off = replace(cfg, mopro=replace(cfg.mopro, enabled=False))
+    d = derive(cfg, 8, 2560)
+    assert mopro_switches(d, 0) == (False, False)
+    assert mopro_switches(d, 1) == (True, False)
+    assert mopro_switches(d, 10) == (True, False)
+    assert mopro_switches(d, 11) == (True, True)
+    assert mopro_switches(d, 89) == (True, True)
+    off = derive(replace(cfg, mopro=replace(cfg.mopro, enabled=False)), 8, 2560)
     assert mopro_switches(off, 50) == (False, False)
+
+
+def test_mopro_schedule_in_fractions_and_momentum_per_image():
+    """A 24-epoch run at global batch 1024 with the paper's schedule given as fractions (1/90, 11/90 of the
+    epochs) and the momentum given for 256 images: prototype loss from round(24/90) = 0, cleaning from
+    round(24 x 11/90) = 3, key momentum 0.999^4 per step (the same decay per image seen); the prototype
+    momentum is per sample already and stays."""
+    cfg = load_config(RN50_8, ["schedule.epochs=24", "schedule.milestones=[10, 20]", "loader.batch_size=128",
+                               f"mopro.proto_start_fraction={1 / 90}", f"mopro.clean_start_fraction={11 / 90}",
+                               "mopro.momentum_batch=256"])
+    d = derive(cfg, world_size=8, num_train=1_000_000)
+    assert (d.global_batch, d.proto_start_epoch, d.clean_start_epoch) == (1024, 0, 3)
+    assert d.key_momentum == 0.999 ** 4 and d.proto_momentum == 0.999
+    assert [mopro_switches(d, e) for e in (0, 2, 3)] == [(True, False), (True, False), (True, True)]
+    assert "key-encoder momentum 0.996006 per step" in d.describe()
+    same = derive(load_config(RN50_8, [f"mopro.proto_start_fraction={1 / 90}", f"mopro.clean_start_fraction={11 / 90}",
+                                       "mopro.momentum_batch=256"]), world_size=8, num_train=2_400_000)
+    assert (same.proto_start_epoch, same.clean_start_epoch, same.key_momentum) == (1, 11, 0.999)  # the paper's run
+    small = derive(load_config(RN50_8, ["mopro.momentum_batch=256", "loader.batch_size=8"]), 8, 2_400_000)
+    assert small.key_momentum == 0.999 ** 0.25  # a smaller batch: closer to 1 per step
+
+
+def test_mopro_start_fractions_win_and_are_checked():
+    # the fraction wins over the epoch, which is then not checked against the run's length
+    cfg = load_config(RN50_8, ["schedule.epochs=30", "schedule.milestones=[10, 20]", "mopro.start_clean_epoch=50",
+                               "mopro.clean_start_fraction=0.5", "mopro.proto_start_epoch=7",
+                               "mopro.proto_start_fraction=0.05"])
+    d = derive(cfg, 8, 2560)
+    assert (d.proto_start_epoch, d.clean_start_epoch) == (2, 15)  # 0.05 x 30 = 1.5 -> 2; 0.5 x 30 = 15
+    short = load_config(RN50_8, ["schedule.epochs=10", "schedule.milestones=[4, 8]", "mopro.proto_start_fraction=0.25",
+                                 "mopro.clean_start_fraction=0.5"])
+    assert derive(short, 8, 2560).proto_start_epoch == 3  # 2.5 rounds half up (Python's round would give 2)
+    assert derive(load_config(RN50_8, ["mopro.clean_start_fraction=1"]), 8, 2560).clean_start_epoch == 90  # never
+    assert derive(load_config(RN50_8, ["mopro.proto_start_fraction=0"]), 8, 2560).proto_start_epoch == 0
+    assert error(RN50_8, ["schedule.epochs=30", "schedule.milestones=[10, 20]", "mopro.start_clean_epoch=50"]) == \
+        "mopro.start_clean_epoch: 50 is beyond schedule.epochs (30)"
+    assert error(RN50_8, ["mopro.clean_start_fraction=1.5"]) == "mopro.clean_start_fraction: must be in [0, 1], got 1.5"
+    assert error(RN50_8, ["mopro.proto_start_fraction=-0.1"]).startswith("mopro.proto_start_fraction: must be in [0, 1]")
+    assert error(RN50_8, ["mopro.momentum_batch=0"]) == "mopro.momentum_batch: must be >= 1, got 0"
+    assert error(RN50_8, ["mopro.momentum_batch=2.5"]).startswith("mopro.momentum_batch: expected an integer")
 
 
 # ---- resolution schedule ------------------------------------------------------------------------

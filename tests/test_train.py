@@ -205,3 +205,32 @@ def test_bad_truth_file_is_one_line(data, tmp_path: Path) -> None:
     bad.write_text("path\tweb_label\ttruth\ngoogle/q0001/000001.jpg\t0\tmaybe\n")
     for truth, message in ((tmp_path / "missing.tsv", "cannot read"), (bad, "truth.tsv:2")):
         one_line(train(*tiny(data, tmp_path / "run", epochs=1, **{"data.truth": truth})), 2, message)
+
+
+def test_the_trainer_uses_the_derived_momenta_and_start_epochs(data, tmp_path: Path, monkeypatch) -> None:
+    """`train` builds the model with `Derived`'s momenta (mopro.momentum_batch) and its loop gets the start
+    epochs resolved from mopro.*_fraction (also in derived.json); stopped before the first step, in this process."""
+    from mopro_fast.config import load_config
+    from mopro_fast.training import train as trainer
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def loop(run, *args):
+        seen.update(momenta=(run.mopro.momentum, run.mopro.proto_momentum),
+                    starts=(run.derived.proto_start_epoch, run.derived.clean_start_epoch))
+        raise Stop
+
+    monkeypatch.setattr(trainer, "_loop", loop)
+    cfg = load_config(TINY, tiny(data, tmp_path / "run", epochs=4, **{
+        "mopro.momentum_batch": 8, "mopro.proto_start_fraction": 0.5, "mopro.clean_start_fraction": 1.0,
+        "run.deterministic": "false", "run.tensorboard": "false"}))  # (deterministic: global, for this process)
+    with pytest.raises(Stop):
+        trainer.train(cfg, progress=False)
+    assert seen["momenta"] == (cfg.mopro.momentum ** 4, cfg.mopro.proto_momentum)  # global batch 32 = 4 x 8
+    assert seen["starts"] == (2, 4)
+    derived = json.loads((tmp_path / "run" / "derived.json").read_text())
+    assert (derived["key_momentum"], derived["proto_start_epoch"], derived["clean_start_epoch"]) == \
+        (cfg.mopro.momentum ** 4, 2, 4)

@@ -138,7 +138,7 @@ def convert_original(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]
 def import_original(src: Path, recipe: Path, overrides: list[str] = ()) -> dict:
     """An original MoPro checkpoint -> a mopro-fast checkpoint state (no optimiser state).
 
-    The config is `recipe` + `overrides`, with model.arch, small_stem, proj_dim, proj_hidden,
+    The config is `recipe` + `overrides`, with model.arch, small_stem, width, blurpool, proj_dim, proj_hidden,
     data.num_classes and mopro.queue_size set from the tensors.
     """
     from mopro_fast.training.checkpoint import code_version
@@ -151,12 +151,14 @@ def import_original(src: Path, recipe: Path, overrides: list[str] = ()) -> dict:
     except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, I/O error: all unusable
         raise CheckpointError(f"{Path(src).name}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     converted, shapes = convert_original(original_state_dict(raw))
-    derived = [f"model.arch={shapes['arch']}", "model.small_stem=false", "model.width=64", f"model.proj_dim={shapes['proj_dim']}",
-               f"model.proj_hidden={shapes['proj_hidden']}", f"data.num_classes={shapes['num_classes']}"]
+    derived = [f"model.arch={shapes['arch']}", "model.small_stem=false", "model.width=64", "model.blurpool=false",
+               f"model.proj_dim={shapes['proj_dim']}", f"model.proj_hidden={shapes['proj_hidden']}",
+               f"data.num_classes={shapes['num_classes']}"]
     if shapes["queue_size"]:
         derived.append(f"mopro.queue_size={shapes['queue_size']}")
     cfg = load_config(recipe, [*overrides, *derived])
-    net = MoProNet(shapes["num_classes"], cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, False)
+    net = MoProNet(shapes["num_classes"], cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, False,
+                   blurpool=False)  # the original code's ResNets have no blur
     mopro = MoPro(net, shapes["num_classes"], cfg.model.proj_dim, cfg.mopro.queue_size)
     fresh = mopro.state_dict()
     for key in ("queue.keys", "queue.ptr", "prototypes.weight"):  # absent: start fresh (zero prototypes)

@@ -44,7 +44,7 @@ def build_net(cfg: Config, model_state: dict[str, Tensor]) -> MoProNet:
         raise CheckpointError("checkpoint has no query.classifier.weight: not a mopro-fast model state")
     num_classes = model_state[f"{QUERY}classifier.weight"].shape[0]
     net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem,
-                    cfg.model.width)
+                    cfg.model.width, cfg.model.blurpool)
     query = {k[len(QUERY):]: v for k, v in model_state.items() if k.startswith(QUERY)}
     try:
         net.load_state_dict(query)

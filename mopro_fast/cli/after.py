@@ -147,7 +147,10 @@ def export_command(checkpoint: Path, output: Path, target: str, with_classifier:
                            "load_with": f"torchvision.models.{cfg.model.arch}("
                                         f"{f'num_classes={classes}' if with_classifier else ''})"
                                         f".load_state_dict(sd{'' if with_classifier else ', strict=False'})",
-                           "missing_keys": [] if with_classifier else ["fc.weight", "fc.bias"]}, indent=1))
+                           "missing_keys": [] if with_classifier else ["fc.weight", "fc.bias"],
+                           **({"note": "trained with model.blurpool=true: the weights load into torchvision's "
+                                       "ResNet, which lacks the blur (mopro_fast.core.blurpool)"}
+                              if cfg.model.blurpool else {})}, indent=1))
 
 
 @click.command("import", context_settings=CONTEXT)

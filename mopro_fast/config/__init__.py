@@ -3,7 +3,7 @@
     cfg = load_config("recipes/rn50_8gpu.yaml", ["optim.lr=0.2", "run.out=runs/x"])
     d = derive(cfg, world_size=8, num_train=2_400_000)   # global batch, scaled lr, steps, ...
     lr = lr_at(d, step)                                  # per-iteration lr (STYLE.md point 10)
-    use_proto, clean = mopro_switches(cfg, epoch)
+    use_proto, clean = mopro_switches(d, epoch)          # MoPro's start epochs, resolved by derive
     side = resolution_at(cfg.loader, epoch)              # training crop side (progressive resizing)
 
 By concern:

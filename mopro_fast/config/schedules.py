@@ -1,7 +1,7 @@
 """Schedules: pure functions of the step or the epoch, computed from the config.
 
     lr = lr_at(d, step)                            # per-iteration lr (STYLE.md point 10); d = derive(...)
-    use_proto, clean = mopro_switches(cfg, epoch)  # MoPro's losses and cleaning by epoch
+    use_proto, clean = mopro_switches(d, epoch)    # MoPro's losses and cleaning by epoch
     side = resolution_at(cfg.loader, epoch)        # training crop side (progressive resizing)
 
 Epochs are numbered from 0, steps too.
@@ -12,18 +12,20 @@ from __future__ import annotations
 import math
 
 from mopro_fast.config.derive import Derived
-from mopro_fast.config.schema import Config, LoaderConfig
+from mopro_fast.config.schema import LoaderConfig
 
 
 def lr_at(d: Derived, step: int) -> float:
     """Learning rate at global step `step` (0-based), set every iteration: linear warm-up to the
     peak over `warmup_steps` ((step + 1) / warmup_steps), times step decay (gamma per milestone
-    passed) or a half cosine from the end of warm-up to 0 at `total_steps`."""
+    passed), a half cosine, or a straight line (FFCV rn50's step-free "triangular" schedule) from
+    the end of warm-up to 0 at `total_steps`; so the last step, total_steps - 1, of a linear
+    schedule has peak / (total_steps - warmup_steps)."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    if d.schedule == "cosine":
+    if d.schedule in ("cosine", "linear"):
         t = min(max(step - d.warmup_steps, 0) / max(1, d.total_steps - d.warmup_steps), 1.0)
-        lr = d.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        lr = d.lr * 0.5 * (1.0 + math.cos(math.pi * t)) if d.schedule == "cosine" else d.lr * (1.0 - t)
     else:
         lr = d.lr * d.gamma ** sum(step >= m for m in d.milestone_steps)
     if step < d.warmup_steps:
@@ -31,11 +33,12 @@ def lr_at(d: Derived, step: int) -> float:
     return lr
 
 
-def mopro_switches(cfg: Config, epoch: int) -> tuple[bool, bool]:
+def mopro_switches(d: Derived, epoch: int) -> tuple[bool, bool]:
     """(use the prototype loss, correct noisy labels) in 0-based `epoch` (DESIGN.md section 1,
-    steps 4 and 5); both false when MoPro is disabled."""
-    m = cfg.mopro
-    return m.enabled and epoch >= m.proto_start_epoch, m.enabled and epoch >= m.start_clean_epoch
+    steps 4 and 5), from the start epochs `derive` resolved (mopro.*_epoch or *_fraction); both
+    false when MoPro is disabled."""
+    proto, clean = d.proto_start_epoch, d.clean_start_epoch
+    return proto is not None and epoch >= proto, clean is not None and epoch >= clean
 
 
 def resolution_at(loader: LoaderConfig, epoch: int) -> int:

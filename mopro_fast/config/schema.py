@@ -54,6 +54,10 @@ class ModelConfig:
     width: int = spec(64, ge=1)
     """Channels of the stem (64 = torchvision's ResNet); every stage is scaled by width / 64, compute by
     about its square. The small-data CPU recipes use 32."""
+    blurpool: bool = False
+    """Anti-aliased downsampling (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again"; FFCV's rn50
+    recipes): every strided conv of the residual stages (not the stem) first blurs its input with a fixed 3x3
+    binomial filter (core/blurpool.py). Same parameters and state-dict keys; false = torchvision's ResNet."""
     proj_dim: int = spec(128, ge=1)
     """Embedding width d of the projection head (paper: 128)."""
     proj_hidden: int = spec(2048, ge=1)
@@ -69,9 +73,14 @@ class MoproConfig:
     temperature: float = spec(0.1, gt=0)
     """Temperature T of the instance and prototype logits."""
     momentum: float = spec(0.999, ge=0, lt=1)
-    """EMA factor m of the key (momentum) encoder, per step."""
+    """EMA factor m of the key (momentum) encoder, per step (of a global batch of `momentum_batch`, if set)."""
     proto_momentum: float = spec(0.999, ge=0, lt=1)
-    """EMA factor m_p of the class prototypes, per sample."""
+    """EMA factor m_p of the class prototypes, per sample (so the same decay per image seen at any batch)."""
+    momentum_batch: int | None = spec(None, ge=1)
+    """Global batch (images) that `momentum` is given for (paper: 256); set, the key encoder's EMA factor per
+    step is momentum ** (global batch / momentum_batch), the same decay per image seen at any batch
+    (config/derive.py, `Derived.key_momentum`). `proto_momentum` is per sample already and is left as it is.
+    null = `momentum` per step whatever the batch (the paper)."""
     alpha: float = spec(0.5, ge=0, le=1)
     """Weight of the classifier in the soft label (1 - alpha for the prototypes)."""
     pseudo_threshold: float = spec(0.8, gt=0, le=1)
@@ -87,6 +96,13 @@ class MoproConfig:
     """First epoch with the prototype loss (epoch 0 has no prototypes yet); = epochs: never."""
     start_clean_epoch: int = spec(11, ge=0)
     """First epoch with noise correction (before it every label is kept); = epochs: never."""
+    proto_start_fraction: float | None = spec(None, ge=0, le=1)
+    """`proto_start_epoch` as a fraction of schedule.epochs, which survives a change of run length (paper: 1/90):
+    when set it wins over proto_start_epoch; the epoch is fraction x epochs rounded half up (1: never).
+    null = proto_start_epoch."""
+    clean_start_fraction: float | None = spec(None, ge=0, le=1)
+    """`start_clean_epoch` as a fraction of schedule.epochs (paper: 11/90); when set it wins over
+    start_clean_epoch, rounded half up like proto_start_fraction. null = start_clean_epoch."""
 
 
 @dataclass
@@ -99,18 +115,30 @@ class OptimConfig:
     """SGD momentum."""
     weight_decay: float = spec(1e-4, ge=0)
     """L2 weight decay."""
+    no_bn_weight_decay: bool = False
+    """No weight decay on BatchNorm weights and biases and on every bias (the 1-d parameters; a second
+    optimiser param group, training/runtime.py `decay_groups`), as in Goyal et al. 2017 ("Accurate, Large
+    Minibatch SGD", section 5.1) and FFCV's rn50 recipes. false = the paper (decay on every parameter). A run
+    cannot resume across a change of this switch (the optimiser state has another number of groups)."""
     nesterov: bool = False
     """Nesterov momentum (needs momentum > 0)."""
     impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     """SGD kernel: auto = fused where the device supports it, else foreach."""
+    label_smoothing: float = spec(0.0, ge=0, lt=1)
+    """Label smoothing eps of the classifier's cross-entropy (Szegedy et al. 2016, "Rethinking the Inception
+    Architecture", section 7; FFCV's rn50 recipes use 0.1): the target is (1 - eps) one-hot + eps / K. Only
+    MoPro's classification loss and the cross-entropy baseline (mopro.enabled=false) use it; the prototype loss,
+    the instance loss and the noise correction (which reads the raw logits) do not. 0 = the paper."""
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = spec(90, ge=1)
     """Training epochs."""
-    kind: Literal["step", "cosine"] = "step"
-    """step: multiply by `gamma` at each milestone; cosine: to 0 at the last step."""
+    kind: Literal["step", "cosine", "linear"] = "step"
+    """step: multiply by `gamma` at each milestone (the paper); cosine: a half cosine to 0 at the end; linear:
+    a straight line from the end of warm-up to 0 at the end (FFCV's rn50 recipes, their step-free
+    "triangular" schedule with `warmup_epochs` as its peak epoch). Every kind starts with the linear warm-up."""
     milestones: list[int] = spec([40, 80], ge=1)
     """Epochs at which step decay applies (kind=step only); increasing, < epochs."""
     gamma: float = spec(0.1, gt=0, le=1)

@@ -42,13 +42,15 @@ def prototype_logits(z: Tensor, prototypes: Tensor, temperature: float) -> Tenso
     return z @ prototypes.t() / temperature
 
 
-def masked_cross_entropy(logits: Tensor, target: Tensor, kept: Tensor) -> Tensor:
+def masked_cross_entropy(logits: Tensor, target: Tensor, kept: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy over the kept samples; 0 when none is kept.
 
     logits: B x K, target: B (long), kept: B (bool). Dropped samples are masked with `where`
-    (not boolean indexing, whose output size would need a host sync).
+    (not boolean indexing, whose output size would need a host sync). `label_smoothing` eps: the
+    target is (1 - eps) one-hot + eps / K uniform (Szegedy et al. 2016, "Rethinking the Inception
+    Architecture", section 7; `F.cross_entropy`'s own); 0 = the plain loss, bit for bit.
     """
-    per_sample = F.cross_entropy(logits.float(), target, reduction="none")  # B
+    per_sample = F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=label_smoothing)  # B
     per_sample = torch.where(kept, per_sample, torch.zeros_like(per_sample))  # B
     return per_sample.sum() / kept.sum().clamp_min(1)
 

@@ -10,7 +10,8 @@ The trunk is a torchvision ResNet built with random weights (never downloaded). 
 reduced to nothing; the tests use it. `width` (the stem's output channels, 64 in every torchvision
 ResNet) scales every stage's channels by width / 64: the same topology and module names (so
 state-dict keys are torchvision's), about (width / 64)^2 of the compute. The small-data CPU recipes
-use width 32.
+use width 32. `blurpool` anti-aliases the residual stages' strided convs (core/blurpool.py; same
+state-dict keys too).
 
 The module is pure: tensors in, tensors out, no device moves, no rank logic, no config object.
 """
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
+
+from mopro_fast.core.blurpool import blur_strided_convs
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -51,10 +54,12 @@ _LAYOUT = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 
            "resnet152": (Bottleneck, [3, 8, 36, 3])}
 
 
-def build_trunk(arch: Arch = "resnet50", small_stem: bool = False, width: int = 64) -> tuple[nn.Module, int]:
+def build_trunk(arch: Arch = "resnet50", small_stem: bool = False, width: int = 64,
+                blurpool: bool = False) -> tuple[nn.Module, int]:
     """A torchvision ResNet without its fc layer; returns (trunk, feature width).
 
-    width = 64 is torchvision's network itself; another width scales every stage's channels."""
+    width = 64 is torchvision's network itself; another width scales every stage's channels.
+    blurpool: every strided conv of layer1-4 blurs its input first (`blur_strided_convs`)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if width == 64:
@@ -69,6 +74,8 @@ def build_trunk(arch: Arch = "resnet50", small_stem: bool = False, width: int = 
         nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
         trunk.maxpool = nn.Identity()
     trunk.fc = nn.Identity()
+    if blurpool:
+        blur_strided_convs(trunk)
     return trunk, feat_dim
 
 
@@ -87,11 +94,12 @@ class MoProNet(nn.Module):
         proj_hidden: int = 2048,
         small_stem: bool = False,
         width: int = 64,
+        blurpool: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.dim = dim
-        self.encoder, self.feat_dim = build_trunk(arch, small_stem, width)
+        self.encoder, self.feat_dim = build_trunk(arch, small_stem, width, blurpool)
         self.classifier = nn.Linear(self.feat_dim, num_classes)
         self.projection = nn.Sequential(
             nn.Linear(self.feat_dim, proj_hidden),

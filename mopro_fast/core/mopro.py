@@ -35,7 +35,7 @@ class MoPro(nn.Module):
 
     Hyper-parameters (paper defaults): queue_length L = 8192, temperature T = 0.1, momentum
     m = 0.999 (key network), proto_momentum m_p = 0.999, alpha = 0.5, threshold = 0.8 (pseudo_th),
-    w_inst = w_proto = 1.
+    w_inst = w_proto = 1, label_smoothing = 0 (of the classifier's cross-entropy; not in the paper).
     """
 
     def __init__(
@@ -52,6 +52,7 @@ class MoPro(nn.Module):
         w_inst: float = 1.0,
         w_proto: float = 1.0,
         ood_threshold: float | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -64,6 +65,7 @@ class MoPro(nn.Module):
         self.w_inst = w_inst
         self.w_proto = w_proto
         self.ood_threshold = ood_threshold  # None = 1/K (paper); see core/noise.py
+        self.label_smoothing = label_smoothing  # classifier's cross-entropy only (core/step.py, step 5)
         self.query = net
         # Same initial weights; never trained by the optimiser, only followed by EMA.
         self.key = copy.deepcopy(net).requires_grad_(False)

@@ -87,8 +87,9 @@ def mopro_step(
     else:
         target, kept = labels, torch.ones_like(labels, dtype=torch.bool)  # b, b
 
-    # 5. Losses over the kept samples.
-    loss_cls = masked_cross_entropy(class_logits, target, kept)
+    # 5. Losses over the kept samples; label smoothing (optim.label_smoothing) on the classifier's
+    #    only: the prototype loss and the noise correction above read the targets and logits as they are.
+    loss_cls = masked_cross_entropy(class_logits, target, kept, mopro.label_smoothing)
     if use_proto_loss:
         loss_proto = masked_cross_entropy(proto_logits, target, kept)
     else:

@@ -64,7 +64,11 @@ def apply_resume(path: Path, state: dict, cfg: Config, mopro: MoPro, optimizer, 
         mopro.load_state_dict(state["model"])
     except RuntimeError:
         raise CheckpointError(_misfit(path, state, cfg, mopro)) from None
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # e.g. another number of param groups: optim.no_bn_weight_decay changed
+        raise CheckpointError(f"{path}: its optimiser state does not fit this recipe's optimiser "
+                              f"(optim.no_bn_weight_decay changed?): {' '.join(str(exc).split())}") from None
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     if dist.is_main():

@@ -63,9 +63,22 @@ def configure_backends(device: torch.device, cudnn_benchmark: bool, tf32: bool, 
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+def decay_groups(module: torch.nn.Module, no_bn_weight_decay: bool):
+    """What the optimiser gets for `module`: its parameters as they are (one group, the recipe's
+    weight decay), or with `no_bn_weight_decay` two groups: the weight matrices and kernels (decayed),
+    then every 1-d parameter, i.e. BatchNorm weights and biases and every bias (weight decay 0; as in
+    Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 5.1, and FFCV's rn50 recipes)."""
+    if not no_bn_weight_decay:
+        return module.parameters()
+    params = list(module.parameters())
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def sgd(params, lr: float, momentum: float, weight_decay: float, nesterov: bool, impl: str,
         device: torch.device) -> torch.optim.SGD:
-    """SGD with the fastest available implementation: fused on CUDA, foreach elsewhere."""
+    """SGD with the fastest available implementation: fused on CUDA, foreach elsewhere. `params`: an
+    iterable of parameters or of param groups (`decay_groups`); `weight_decay` is every group's default."""
     kwargs = {}
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"

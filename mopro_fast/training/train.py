@@ -59,10 +59,12 @@ class Position:
     global_step: int = 0
 
 
-def ce_step(net: nn.Module, view_q: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The cross-entropy baseline (`mopro.enabled=false`): web labels as they are, weak view only."""
+def ce_step(net: nn.Module, view_q: Tensor, labels: Tensor, label_smoothing: float = 0.0
+            ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The cross-entropy baseline (`mopro.enabled=false`): web labels as they are, weak view only;
+    `label_smoothing` as `optim.label_smoothing` says (0 = none)."""
     logits, _ = net(view_q)  # b x K
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     acc = (logits.detach().argmax(1) == labels).float().mean()  # fraction, like mopro_step's
     return loss, {"loss": loss.detach(), "loss_cls": loss.detach(), "acc_cls": acc}
 
@@ -78,7 +80,7 @@ def train_step(mopro_enabled: bool, step_fn, mopro: MoPro, query: nn.Module, opt
             loss, metrics = step_fn(mopro, batch.view_q, batch.view_k, batch.label, use_proto_loss=use_proto,
                                     clean=clean, query_net=query, truth=truth)
         else:
-            loss, metrics = ce_step(query, batch.view_q, batch.label)
+            loss, metrics = ce_step(query, batch.view_q, batch.label, mopro.label_smoothing)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -100,17 +102,20 @@ class Training(NamedTuple):
 
 
 def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, world: int = 1,
-                init: str | Path | None = None) -> Training:
+                init: str | Path | None = None, momenta: tuple[float, float] | None = None) -> Training:
     """Model, optimiser, GradScaler, autocast and step function as the recipe says: `cfg.model`,
-    `cfg.mopro`, `cfg.optim` (`lr` is the peak lr, `Derived.lr`) and `cfg.run`'s precision,
+    `cfg.mopro`, `cfg.optim` (`lr` is the peak lr, `Derived.lr`; `momenta` the key-encoder and
+    prototype momenta, `Derived.key_momentum` and `proto_momentum`, None = mopro.momentum and
+    proto_momentum as given) and `cfg.run`'s precision,
     channels_last and compile. The caller seeds first. `init`: a checkpoint whose weights start the
     model (`init_from`). With `world` > 1 the query network is wrapped in DDP. The trainer and the
     `bench step`/`bench e2e` benchmarks build through here."""
     net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem,
-                    cfg.model.width)
+                    cfg.model.width, cfg.model.blurpool)
+    key_m, proto_m = momenta or (cfg.mopro.momentum, cfg.mopro.proto_momentum)
     mopro = MoPro(net, num_classes, cfg.model.proj_dim, cfg.mopro.queue_size, cfg.mopro.temperature,
-                  cfg.mopro.momentum, cfg.mopro.proto_momentum, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
-                  cfg.mopro.w_inst, cfg.mopro.w_proto, cfg.mopro.ood_threshold).to(device)
+                  key_m, proto_m, cfg.mopro.alpha, cfg.mopro.pseudo_threshold,
+                  cfg.mopro.w_inst, cfg.mopro.w_proto, cfg.mopro.ood_threshold, cfg.optim.label_smoothing).to(device)
     if init:
         note = init_from(Path(init), mopro)
         if dist.is_main():
@@ -122,8 +127,8 @@ def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, 
     if world > 1:
         # Only the query network is trained; the key network follows by EMA outside DDP's sync.
         query = nn.parallel.DistributedDataParallel(mopro.query, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = runtime.sgd(mopro.query.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay,
-                            cfg.optim.nesterov, cfg.optim.impl, device)
+    optimizer = runtime.sgd(runtime.decay_groups(mopro.query, cfg.optim.no_bn_weight_decay), lr, cfg.optim.momentum,
+                            cfg.optim.weight_decay, cfg.optim.nesterov, cfg.optim.impl, device)
     return Training(mopro, query, optimizer, runtime.grad_scaler(device, cfg.run.precision),
                     runtime.autocast(device, cfg.run.precision),
                     torch.compile(mopro_step) if cfg.run.compile else mopro_step)
@@ -216,7 +221,8 @@ def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None)
         return finished_note(cfg, folder.path, *found)  # before anything is written
 
     run = Run(cfg, derived, folder, device, world,
-              *build_model(cfg, derived.num_classes, derived.lr, device, world, init), Position())
+              *build_model(cfg, derived.num_classes, derived.lr, device, world, init,
+                           (derived.key_momentum, derived.proto_momentum)), Position())
     if found is not None:
         # (a checkpoint that does not fit fails here, before anything is written)
         run.pos = Position(*apply_resume(*found, cfg, run.mopro, run.optimizer, run.scaler))
@@ -257,7 +263,7 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
     stats = {"images": 0, "pixels": 0, "wait": 0.0, "start": time.perf_counter(), "paused": 0.0}
     timer = Every(cfg.run.ckpt_every_minutes)
     for epoch in range(pos.epoch, cfg.schedule.epochs):
-        use_proto, clean = mopro_switches(cfg, epoch)
+        use_proto, clean = mopro_switches(d, epoch)
         side = resolution_at(cfg.loader, epoch)
         run.train_loader.set_resolution(side)
         run.train_loader.set_epoch(epoch, start_step=pos.step_in_epoch)
