@@ -1,6 +1,6 @@
 """`mopro-fast plan`: a hand-computed schedule to the second, figures read from benchmark reports
-(`bench step --json`, `bench all`), the paper recipe's predicted time, and one line with exit 2
-for every bad input. Run as a user runs it."""
+(`bench step --json`, `bench all`), the paper recipe's and the fast
+recipe's predicted times, and one line with exit 2 for every bad input. Run as a user runs it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from mopro_fast.config import derive, load_config, resolution_at
 from mopro_fast.plan import Figure, Figures
 from tests.conftest import REPO, cli, one_line
 
 RN50_8 = REPO / "recipes" / "rn50_8gpu.yaml"
+FAST = REPO / "recipes" / "rn50_fast_8gpu.yaml"
 WEBVISION_TRAIN, VAL = 2_439_574, 100_000  # WebVision 1.0 train; WebVision val + ImageNet val
 
 
@@ -118,6 +120,25 @@ def test_paper_recipe_at_3000_img_s():
     total = re.search(r"^total\s+([\d,]+)\s+([\d.]+)$", result.stdout, re.M)
     assert int(total[1].replace(",", "")) == round(expected)
     assert "2,439,574 (WebVision 1.0 train, the default)" in result.stdout
+
+
+def test_fast_recipe_loads_and_fits_an_hour():
+    cfg = load_config(FAST, [])  # strict keys: an unknown or misspelt key fails here
+    sides = [resolution_at(cfg.loader, e) for e in range(cfg.schedule.epochs)]
+    assert sides[0] == 160 and sides[-1] == 192 and set(sides) == {160, 192}
+    assert (cfg.loader.eval_resolution, cfg.loader.eval_resize, cfg.model.arch) == (224, 256, "resnet50")
+    d = derive(cfg, world_size=8, num_train=WEBVISION_TRAIN)
+    assert (d.global_batch, d.lr, d.schedule) == (1024, 0.4, "cosine")
+    plan = plan_json(FAST, "--gpus", 8, "--img-s-per-gpu", 3000)
+    assert plan["total_minutes"] <= 60
+    n160, n192 = sides.count(160), sides.count(192)
+    expected = expected_seconds({160: n160, 192: n192}, {160: 3000 * (192 / 160) ** 2, 192: 3000,
+                                                         224: 3000 * (192 / 224) ** 2}, 1024)
+    assert plan["total_seconds"] == pytest.approx(expected, abs=0.1)
+    # the header's arithmetic is this plan's
+    header = FAST.read_text()
+    assert f"{n160} epochs x" in header and f"+ {n192} x" in header
+    assert f"= {round(expected / 60)} min" in header
 
 
 # ---- reports ------------------------------------------------------------------------------------------
