@@ -1,5 +1,5 @@
 """`mopro-fast plan`: a hand-computed schedule to the second, figures read from benchmark reports
-(`bench step --json`, `bench all`), the paper recipe's and the fast
+of every shape (`bench step --json`, `bench all`, `bench res`), the paper recipe's and the fast
 recipe's predicted times, and one line with exit 2 for every bad input. Run as a user runs it."""
 
 from __future__ import annotations
@@ -151,6 +151,24 @@ def test_a_bench_step_json_is_read(tmp_path):
     assert any("4,000.0 at 160 px (step.fast_img_s)" in a and str(report) in a for a in plan["assumptions"])
 
 
+def test_the_res_report_of_device_check_is_read(tmp_path):
+    """Shaped like `bench res` (mopro_fast/bench/sweep.py), which benchmarks/device_check.sh runs."""
+    results = {f"step_{side}": step_result(side, img_s) for side, img_s in ((160, 4100.0), (192, 2900.0),
+                                                                             (224, 2150.0))}
+    results["loader_160"] = {"bench": "loader", "img_s": {"nvjpeg": 9000.0},
+                             "settings": {"resolution": 160, "batch_size": 256}}
+    report = write(tmp_path, "h200-res-2026-12-03.json", {
+        "report": "mopro-fast bench res", "date": "2026-12-03", "device": "h200", "quick": False,
+        "settings": {"step_sides": [160, 192, 224], "loader_sides": [160, 192]}, "env": {"gpu": "NVIDIA H200"},
+        "results": results, "errors": {"loader_192": "RuntimeError: out of memory"}, "seconds": {"total": 100.0}})
+    plan = plan_json(FAST, "--gpus", 8, "--img-s-per-gpu", report)
+    phases = by_kind(plan)
+    assert [(p["res"], p["img_s"]) for p in phases["train"]] == [(160, pytest.approx(4100 * 7.2)),
+                                                                  (192, pytest.approx(2900 * 7.2))]
+    assert phases["eval"][0]["img_s"] == pytest.approx(3 * 2150 * 7.2)  # measured at 224 px: no scaling
+    assert any("batch 256 per GPU, bf16; the recipe trains resnet50 with batch 128" in a for a in plan["assumptions"])
+
+
 def test_a_bench_all_report_prefers_the_step_of_the_recipes_compile_setting(tmp_path):
     e2e = {"bench": "e2e", "backend": "nvjpeg", "img_s": 1500.0, "data_wait": 0.1, "step_only_img_s": 2000.0,
            "settings": {"backend": "nvjpeg", "arch": "resnet50", "res": 224, "batch": 256, "small_stem": False,
@@ -195,3 +213,21 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list, list[str]]]:
 def test_bad_input_is_one_line(tmp_path):
     for args, words in bad_inputs(tmp_path):
         one_line(cli("plan", RN50_8, *args, timeout=120), 2, *words, prefix="error: ")
+
+
+def test_a_real_bench_res_report_feeds_plan(tmp_path):
+    """`bench res --quick` on the CPU (seconds): its report holds a step result per side and a loader
+    result, and `plan` reads its figures for a recipe of the same network."""
+    out = tmp_path / "cpu-quick-res.json"
+    result = cli("bench", "res", "--quick", "--device", "cpu", "--res", 32, "--res", 48, "--loader-res", 32,
+                 "--backend", "torch", "--out", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["report"] == "mopro-fast bench res" and report["errors"] == {}
+    assert set(report["results"]) == {"step_32", "step_48", "loader_32"}
+    assert [report["results"][f"step_{s}"]["settings"]["res"] for s in (32, 48)] == [32, 48]
+    plan = plan_json(REPO / "recipes" / "tiny_test.yaml", "data.shards=s", "run.out=o", "loader.resolution=48",
+                     "loader.eval_resize=48", "loader.eval_resolution=48", "--gpus", 1, "--img-s-per-gpu", out,
+                     "--train-images", 1000, "--val-images", 100)
+    (train,) = by_kind(plan)["train"]
+    assert train["img_s"] == report["results"]["step_48"]["fast_img_s"]
