@@ -6,8 +6,17 @@
 # updates, the MoPro step (ResNet-50, batch 256, bf16, channels-last, with and without
 # torch.compile, against the original-style step), and e2e training from shards with the nvjpeg
 # backend. Shards are built on the spot from the built-in data set at web-like sizes (448 px,
-# stored at ~384 x 450-510). Budget: under 8 minutes on one H200. Writes the JSON report and its
-# markdown table to $OUT (or --out DIR), named <device>-<date>.json/.md (e.g. h200-2026-12-01.json).
+# stored at ~384 x 450-510). Writes the JSON report and its markdown table to $OUT (or --out DIR),
+# named <device>-<date>.json/.md (e.g. h200-2026-12-01.json).
+#
+# Then `mopro-fast bench res` (mopro_fast/bench/sweep.py), the figures `mopro-fast plan` reads: the
+# same MoPro step at 160, 192 and 224 px (same profile: ResNet-50, batch 256, bf16, channels-last;
+# 1 warm-up + 3 timed rounds per side) and the nvjpeg loader at the fast recipe's 160 and 192 px
+# (3 windows each, one set of generated shards), to <device>-res-<date>.json next to the report:
+#     mopro-fast plan recipes/rn50_fast_8gpu.yaml --gpus 8 --img-s-per-gpu $OUT/h200-res-<date>.json
+# Budget on one H200: under 8 minutes in all, bench all taking most of it and bench res about 2
+# (an estimate from its work: three step sides, shards of 1,000 images, two loader sides; the script
+# prints the seconds of each part). Exit status: bench all's, else bench res's.
 #
 # Pure-Python dependencies missing there (webdataset, braceexpand, omegaconf) are installed from
 # wheels carried in a folder: --wheels DIR or $MOPRO_WHEELS. Fetch them on a machine with internet:
@@ -30,7 +39,7 @@ while [ $# -gt 0 ]; do
         --wheels) wheels=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --device) device=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) extra+=("$1"); shift ;;
     esac
 done
@@ -79,9 +88,16 @@ print(device_slug({'gpu': torch.cuda.get_device_name()} if '$device'.startswith(
 quick=""
 for arg in "${extra[@]+"${extra[@]}"}"; do [ "$arg" = "--quick" ] && quick="-quick"; done
 report="$out/$slug$quick-$day.json"
+sides="$out/$slug$quick-res-$day.json"
 set +e
 "$python" -m mopro_fast.cli bench all --device "$device" --e2e-backend nvjpeg --out "$report" "${extra[@]+"${extra[@]}"}"
 status=$?
+say "bench all: status $status, $(( $(date +%s) - start )) s so far"
+
+# 3. Step and loader figures per crop side, for `mopro-fast plan` (quick: the tiny profile's sides).
+"$python" -m mopro_fast.cli bench res --device "$device" --backend nvjpeg --out "$sides" ${quick:+--quick}
+res_status=$?
 set -e
-say "report $report (+ .md), status $status, $(( $(date +%s) - start )) s in all"
+[ "$status" -eq 0 ] && status=$res_status
+say "report $report (+ .md), per-side figures $sides, status $status, $(( $(date +%s) - start )) s in all"
 exit $status

@@ -393,8 +393,10 @@ def test_resolution_is_constant_by_default():
     loader = load_config(RN50_8, []).loader
     assert loader.min_resolution is None
     assert {resolution_at(loader, e) for e in range(0, 90)} == {224}
-    for recipe in RECIPES:  # every recipe keeps its constant crop size
+    for recipe in RECIPES:  # every recipe without progressive resizing keeps its constant crop size
         cfg = load_recipe(recipe)
+        if cfg.loader.min_resolution is not None:  # rn50_fast_8gpu.yaml: tests/test_plan.py
+            continue
         assert resolution_at(cfg.loader, 0) == resolution_at(cfg.loader, cfg.schedule.epochs - 1) == cfg.loader.resolution
 
 

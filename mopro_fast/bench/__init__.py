@@ -32,6 +32,9 @@ def _register() -> None:
     from mopro_fast.bench import e2e as _e2e
 
     bench.add_command(_e2e.e2e_bench)
+    from mopro_fast.bench import sweep as _sweep
+
+    bench.add_command(_sweep.res_bench)
     from mopro_fast.bench import noise as _noise
 
     bench.add_command(_noise.noise_bench)

@@ -1,7 +1,7 @@
 """The `mopro-fast` command line: one click group, one sub-command per job, one error handler.
 
 The commands' click fronts live in this package (data.py: make-fixture, convert, verify; train.py:
-train, eval; after.py: clean, retrain, export, import, report; demo.py) and `mopro_fast/bench`
+train, eval; after.py: clean, retrain, export, import, report; demo.py; plan.py) and `mopro_fast/bench`
 (the bench group). They keep heavy imports inside the command bodies, so `mopro-fast --help`
 stays fast (no torch, DALI or FFCV import until a command runs).
 
@@ -21,6 +21,7 @@ from mopro_fast.bench import bench
 from mopro_fast.cli.after import clean_command, export_command, import_command, report_command, retrain_command
 from mopro_fast.cli.data import convert, make_fixture, verify
 from mopro_fast.cli.demo import demo
+from mopro_fast.cli.plan import plan_command
 from mopro_fast.cli.train import eval_command, train_command
 from mopro_fast.errors import MoproError
 
@@ -55,6 +56,7 @@ def main() -> None:
       mopro-fast clean RUN/ckpt-....pt              # cleaned labels of the training set
       mopro-fast retrain RUN/ckpt-....pt --labels RUN/clean    # cRT on them
       mopro-fast report RUN                         # HTML page: curves, counts, galleries
+      mopro-fast plan recipes/rn50_8gpu.yaml --gpus 8 --img-s-per-gpu 3000   # predicted wall time
 
     \b
     Exit codes (every command): 0 done; 2 an expected failure, explained in one line on stderr
@@ -64,5 +66,5 @@ def main() -> None:
 
 
 for command in (make_fixture, convert, verify, bench, demo, train_command, eval_command, clean_command,
-                retrain_command, export_command, import_command, report_command):
+                retrain_command, export_command, import_command, report_command, plan_command):
     main.add_command(command)
