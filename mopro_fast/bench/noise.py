@@ -24,7 +24,7 @@ detection F1 >= 0.7 in every 40 % cell. A heat map of the per-cell median differ
 
 Runs are subprocesses of `mopro-fast train` (`--jobs` at a time, the cores split between them;
 `mopro_fast/bench/runs.py`); each run folder keeps a `bench.json` with its exact command line and the
-recipe's sha256, so an interrupted matrix re-run with the same options reuses every finished run.
+sha256 of the recipe's content, so an interrupted matrix re-run with the same options reuses every finished run.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 - `train_run(...)`: one `mopro-fast train` in a fresh interpreter, as a user runs it, with
   OMP_NUM_THREADS and the loader workers set to its share of the cores; `measure(run_dir)` turns the
   finished run folder into the figures the benchmark keeps. The run folder's `bench.json` holds the
-  command line, the recipe's sha256 and those figures: the same call again returns them without
+  command line, the sha256 of the recipe's content (`recipe_fingerprint`: keys and values, not
+  comments) and those figures: the same call again returns them without
   training (an interrupted matrix goes on where it stopped), anything else trains anew;
 - `cli(args, log, threads)`: any other `mopro-fast` command the same way (`clean` after a run).
 A failing run ends the benchmark with one line naming its log.
@@ -57,6 +58,15 @@ def cli(args: list[str], log: Path, threads: int) -> None:
         raise BenchRunError(f"{' '.join(args[:2])} failed (exit {code}): {tail[0][:200]}; full log: {log}")
 
 
+def recipe_fingerprint(recipe: Path) -> str:
+    """sha256 of the recipe's content (keys and values, sorted), so that comments and layout do not
+    count: an edited comment reuses the runs, a changed value trains anew."""
+    import yaml
+
+    content = yaml.safe_load(Path(recipe).read_text())
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def train_run(run_dir: Path, recipe: Path, data: Path, overrides: list[str], threads: int,
               measure: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Train `recipe` on DATA/shards (truth: DATA/fixture/truth.tsv, eval on val) into RUN_DIR; the
@@ -65,7 +75,7 @@ def train_run(run_dir: Path, recipe: Path, data: Path, overrides: list[str], thr
             "data.eval_splits=[val]", f"run.out={run_dir}", "run.tensorboard=false", "run.progress_seconds=0",
             f"loader.workers={threads}", *overrides]
     stamp = run_dir / "bench.json"
-    key = {"command": args, "recipe_sha256": hashlib.sha256(Path(recipe).read_bytes()).hexdigest()}
+    key = {"command": args, "recipe_content_sha256": recipe_fingerprint(Path(recipe))}
     if stamp.is_file() and all(json.loads(stamp.read_text()).get(k) == v for k, v in key.items()):
         return json.loads(stamp.read_text())["result"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
