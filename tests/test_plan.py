@@ -128,7 +128,9 @@ def test_fast_recipe_loads_and_fits_an_hour():
     assert sides[0] == 160 and sides[-1] == 192 and set(sides) == {160, 192}
     assert (cfg.loader.eval_resolution, cfg.loader.eval_resize, cfg.model.arch) == (224, 256, "resnet50")
     d = derive(cfg, world_size=8, num_train=WEBVISION_TRAIN)
-    assert (d.global_batch, d.lr, d.schedule) == (1024, 0.4, "cosine")
+    assert (d.global_batch, d.lr, d.schedule) == (1024, 0.4, "linear")
+    assert (d.proto_start_epoch, d.clean_start_epoch, round(d.key_momentum, 6)) == (0, 4, round(0.999 ** 4, 6))
+    assert (cfg.optim.label_smoothing, cfg.optim.no_bn_weight_decay, cfg.model.blurpool) == (0.1, True, True)
     plan = plan_json(FAST, "--gpus", 8, "--img-s-per-gpu", 3000)
     assert plan["total_minutes"] <= 60
     n160, n192 = sides.count(160), sides.count(192)
