@@ -350,12 +350,6 @@ def make_fixture(out: Path, spec: FixtureSpec, progress: bool = False, workers: 
     corrupt = [(p, src) for p, _, _, src in rows if src in CORRUPT_KINDS]
     if spec.corrupt:
         (root / "corrupt.tsv").write_text("path\tkind\n" + "".join(f"{p}\t{k}\n" for p, k in corrupt))
-    (root / "README.txt").write_text(
-        "Synthetic WebVision-1.0-shaped fixture written by mopro-fast (data_tools/fixture.py).\n"
-        "Classes are drawn shapes; truth.tsv holds the true content of every listed training image.\n"
-        f"seed: {spec.seed}\nspec: {json.dumps(asdict(spec), sort_keys=True)}\n"
-    )
-
     if workers is None:  # threads only pay off once numpy and libjpeg work on big arrays
         workers = min(8, os.cpu_count() or 1) if len(jobs) * spec.image_size**2 > 2000 * 96**2 else 1
     from tqdm import tqdm
@@ -364,6 +358,13 @@ def make_fixture(out: Path, spec: FixtureSpec, progress: bool = False, workers: 
         for start in range(0, len(jobs), 4096):  # bounded number of pending futures on big fixtures
             for _ in pool.map(lambda j: _write(root, spec, j), jobs[start : start + 4096]):
                 bar.update()
+
+    # README.txt last: its presence means the tree is complete (the demo reuses only such a tree).
+    (root / "README.txt").write_text(
+        "Synthetic WebVision-1.0-shaped fixture written by mopro-fast (data_tools/fixture.py).\n"
+        "Classes are drawn shapes; truth.tsv holds the true content of every listed training image.\n"
+        f"seed: {spec.seed}\nspec: {json.dumps(asdict(spec), sort_keys=True)}\n"
+    )
 
     regular = [(y, c) for _, y, c, src in rows if src not in CORRUPT_KINDS]
     return FixtureSummary(

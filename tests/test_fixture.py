@@ -255,3 +255,30 @@ def test_make_fixture_cli_hue_nuisance(tmp_path):
                      "--imagenet-per-class", "0", "--hue-nuisance")
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"hue_coded": false' in (out / "README.txt").read_text()
+
+
+def test_demo_reuses_only_a_complete_fixture_of_its_own_spec(tmp_path, monkeypatch):
+    """README.txt is written last, so the demo reuses a fixture only when it is complete and of the
+    very spec it asks for; a foreign folder in its place is refused, not deleted."""
+    import data_tools.fixture as fixture_module
+    from mopro_fast.cli.demo import _written_spec
+    from tests.conftest import run_cli
+
+    spec = FixtureSpec(classes=3, train_per_class=2, val_per_class=1, imagenet_per_class=1, hue_coded=False)
+    make_fixture(tmp_path / "done", spec)
+    assert _written_spec(tmp_path / "done") == spec
+    assert _written_spec(tmp_path / "done") != replace(spec, hue_coded=True)
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fixture_module, "_write", crash)  # killed while rendering
+    with pytest.raises(KeyboardInterrupt):
+        make_fixture(tmp_path / "half", spec, workers=1)
+    assert (tmp_path / "half" / "info" / "synsets.txt").is_file() and _written_spec(tmp_path / "half") is None
+    foreign = tmp_path / "mine" / "fixture"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("keep me")
+    result = run_cli("demo", "--out", str(tmp_path / "mine"), "--runs", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "not a built-in data set written by mopro-fast" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me"

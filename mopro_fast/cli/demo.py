@@ -1,6 +1,7 @@
 """`mopro-fast demo`: the main job on the built-in data, end to end, on whatever machine this is.
 
-1. make the built-in WebVision-shaped data set (planted label noise, OOD images, broken files);
+1. make the built-in WebVision-shaped data set (planted label noise, OOD images, broken files; colour
+   is a nuisance, as in `bench noise`), or reuse it when the folder holds this very spec;
 2. convert it to shards and verify them;
 3. train `recipes/small_data_cpu.yaml`, the default small-data recipe (MoPro), and evaluate on val and
    ImageNet-val;
@@ -21,10 +22,12 @@ from pathlib import Path
 import click
 
 from mopro_fast import RECIPES
+from mopro_fast.errors import MoproError
 
 RECIPE = RECIPES / "small_data_cpu.yaml"
 # The demo's data: 60 training images per class, 40 % of the labels flipped to another class and
-# 10 % out-of-distribution images (a regime where cross-entropy fits the noise; see the recipe).
+# 10 % out-of-distribution images, colour a nuisance (hue drawn per image): the noise matrix's cell
+# symmetric-n40-ood10-600 (`bench noise`), plus broken files and an ImageNet-val split.
 DEMO_PER_CLASS, DEMO_NOISE, DEMO_OOD = 60, 0.4, 0.1
 
 
@@ -50,13 +53,16 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
     fixture, shards = out / "fixture", out / "shards"
     start = time.perf_counter()
     steps = 5 if baseline else 4
-    if not (fixture / "README.txt").is_file():
+    spec = FixtureSpec(seed=seed, train_per_class=DEMO_PER_CLASS, noise=DEMO_NOISE, ood=DEMO_OOD, val_per_class=50,
+                       imagenet_per_class=50, corrupt=True, hue_coded=False)
+    if _written_spec(fixture) != spec:
         click.echo(f"[1/{steps}] writing the built-in data set to {fixture} ...")
-        if fixture.exists():
-            shutil.rmtree(fixture)  # a half-written fixture from an interrupted demo
-        make_fixture(fixture, FixtureSpec(seed=seed, train_per_class=DEMO_PER_CLASS, noise=DEMO_NOISE, ood=DEMO_OOD,
-                                          val_per_class=50,
-                                          imagenet_per_class=50, corrupt=True), progress=progress)
+        if fixture.exists() and any(fixture.iterdir()):
+            if not (fixture / "info" / "synsets.txt").is_file():
+                raise DemoError(f"{fixture} exists and is not a built-in data set written by mopro-fast; "
+                                f"pick another --out")
+            shutil.rmtree(fixture)  # a half-written fixture, or one of another spec: the demo's own output
+        make_fixture(fixture, spec, progress=progress)
     else:
         click.echo(f"[1/{steps}] built-in data set already at {fixture}")
     click.echo(f"[2/{steps}] converting to shards in {shards} and verifying them ...")
@@ -105,6 +111,21 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
                  f"plots in {mopro['run_dir']}/*.png")
     lines.append(f"demo finished in {time.perf_counter() - start:.0f} s")
     click.echo("\n".join(lines))
+
+
+class DemoError(MoproError, ValueError):
+    """The demo cannot use its output folder (one line)."""
+
+
+def _written_spec(fixture: Path):
+    """The FixtureSpec a finished fixture folder was written with (README.txt, written last), or None."""
+    from data_tools.fixture import FixtureSpec
+
+    try:
+        line = next(l for l in (fixture / "README.txt").read_text().splitlines() if l.startswith("spec: "))
+        return FixtureSpec(**json.loads(line[len("spec: "):]))
+    except (OSError, StopIteration, ValueError, TypeError):
+        return None
 
 
 def _acc(result: dict, split: str, key: str) -> str:
