@@ -74,3 +74,18 @@ def test_readme_table_is_generated_from_a_committed_report() -> None:
     assert path.is_file(), f"the README's table cites {match.group(1)}, which is not committed"
     assert match.group(2) == render(json.loads(path.read_text()), match.group(1)), \
         f"README table differs from `mopro-fast bench table {match.group(1)}`: regenerate it with --readme README.md"
+
+
+def test_readme_noise_table_is_generated_from_the_committed_report():
+    import re
+
+    from mopro_fast.bench.noise import markdown
+
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!--noise-table (\S+)-->\n(.*?)\n<!--/noise-table-->", readme, re.S)
+    assert match, "README.md has no <!--noise-table REPORT--> block"
+    path = REPO / match.group(1)
+    assert path.is_file(), f"the README's noise table cites {match.group(1)}, which is not committed"
+    assert (REPO / match.group(1).replace(".json", ".png")).is_file()
+    assert match.group(2).strip() == markdown(json.loads(path.read_text())).strip(), \
+        f"README noise table differs from `mopro-fast bench noise --table {match.group(1)}`"
