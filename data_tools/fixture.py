@@ -373,3 +373,12 @@ def make_fixture(out: Path, spec: FixtureSpec, progress: bool = False, workers: 
         ood=sum(c < 0 for _, c in regular), val=len(val), imagenet_val=K * spec.imagenet_per_class,
         corrupt={k: 1 for _, k in corrupt},
     )
+
+
+def written_spec(root: Path) -> FixtureSpec | None:
+    """The spec a complete fixture folder was written with (README.txt is written last), or None."""
+    try:
+        line = next(l for l in (Path(root) / "README.txt").read_text().splitlines() if l.startswith("spec: "))
+        return FixtureSpec(**json.loads(line[len("spec: "):]))
+    except (OSError, StopIteration, ValueError, TypeError):
+        return None

@@ -261,7 +261,7 @@ def test_demo_reuses_only_a_complete_fixture_of_its_own_spec(tmp_path, monkeypat
     """README.txt is written last, so the demo reuses a fixture only when it is complete and of the
     very spec it asks for; a foreign folder in its place is refused, not deleted."""
     import data_tools.fixture as fixture_module
-    from mopro_fast.cli.demo import _written_spec
+    from data_tools.fixture import written_spec as _written_spec
     from tests.conftest import run_cli
 
     spec = FixtureSpec(classes=3, train_per_class=2, val_per_class=1, imagenet_per_class=1, hue_coded=False)

@@ -2,7 +2,7 @@
 `mopro-fast train` subprocesses, each reusable.
 
 - `built_data(root, spec)`: a fixture (`data_tools/fixture.py`) and its shards under ROOT, reused once
-  converted (a half-written fixture of an interrupted bench is the bench's own output and is redone);
+  converted when the fixture is complete and of this very spec (else it is the bench's own output, redone);
 - `train_run(...)`: one `mopro-fast train` in a fresh interpreter, as a user runs it, with
   OMP_NUM_THREADS and the loader workers set to its share of the cores; `measure(run_dir)` turns the
   finished run folder into the figures the benchmark keeps. The run folder's `bench.json` holds the
@@ -36,11 +36,11 @@ class BenchRunError(MoproError, RuntimeError):
 def built_data(root: Path, spec: Any, shard_size: int = 400) -> Path:
     """ROOT/fixture (the built-in data of `spec`) and ROOT/shards; returns ROOT."""
     from data_tools.convert import ConvertSettings, convert
-    from data_tools.fixture import make_fixture
+    from data_tools.fixture import make_fixture, written_spec
 
-    if not (root / "shards" / "manifest.json").is_file():
+    if written_spec(root / "fixture") != spec or not (root / "shards" / "manifest.json").is_file():
         if (root / "fixture").exists():
-            shutil.rmtree(root / "fixture")  # a half-written fixture of an interrupted bench (our own output)
+            shutil.rmtree(root / "fixture")  # half-written, or of another spec: the bench's own output
         make_fixture(root / "fixture", spec)
         convert(root / "fixture", root / "shards", ConvertSettings(shard_size=shard_size), workers=1, overwrite=True,
                 progress=False)

@@ -1,7 +1,7 @@
 """`mopro-fast bench tta`: time to accuracy of the fast recipe against a paper-style one, same data.
 
 Both recipes train on the built-in data (the demo's data set: 600 noisy training images, 10
-classes; `--seeds` data seeds), evaluated on val after every epoch. A run's clock is the trainer's
+classes, colour a nuisance; `--seeds` data seeds), evaluated on val after every epoch. A run's clock is the trainer's
 own `train_seconds` in each eval record: training wall time with evaluation and checkpoints left
 out (`mopro_fast/training/train.py`), so the per-epoch evaluation this benchmark needs is not
 charged to either recipe. For each run the report keeps val top-1 after every epoch, that clock,
@@ -165,7 +165,7 @@ def tta_bench(fast: Path, paper: Path, paper_epochs: int | None, seeds: int, fra
     start, results = time.perf_counter(), {}
     for seed in range(seeds):
         spec = FixtureSpec(train_per_class=per_class, noise=DEMO_NOISE, ood=DEMO_OOD, val_per_class=50 if not quick else 5,
-                           imagenet_per_class=0, seed=seed)
+                           imagenet_per_class=0, seed=seed, hue_coded=False)  # the demo's data, colour a nuisance
         data = built_data(work / "data" / f"demo-s{seed}", spec)
         plan = {"paper": (paper, paper_set), "fast": (fast, fast_set)}
         with ThreadPoolExecutor(jobs) as pool:

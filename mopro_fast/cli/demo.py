@@ -44,7 +44,7 @@ DEMO_PER_CLASS, DEMO_NOISE, DEMO_OOD = 60, 0.4, 0.1
 def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None:
     """Built-in data -> shards -> verify -> train MoPro (and the CE baseline) -> summary."""
     from data_tools.convert import ConvertSettings, convert
-    from data_tools.fixture import FixtureSpec, make_fixture
+    from data_tools.fixture import FixtureSpec, make_fixture, written_spec
     from data_tools.verify import verify
     from mopro_fast.config import load_config
     from mopro_fast.training.train import train
@@ -55,7 +55,7 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
     steps = 5 if baseline else 4
     spec = FixtureSpec(seed=seed, train_per_class=DEMO_PER_CLASS, noise=DEMO_NOISE, ood=DEMO_OOD, val_per_class=50,
                        imagenet_per_class=50, corrupt=True, hue_coded=False)
-    if _written_spec(fixture) != spec:
+    if written_spec(fixture) != spec:
         click.echo(f"[1/{steps}] writing the built-in data set to {fixture} ...")
         if fixture.exists() and any(fixture.iterdir()):
             if not (fixture / "info" / "synsets.txt").is_file():
@@ -115,17 +115,6 @@ def demo(out: Path, runs: Path, recipe: Path, baseline: bool, seed: int) -> None
 
 class DemoError(MoproError, ValueError):
     """The demo cannot use its output folder (one line)."""
-
-
-def _written_spec(fixture: Path):
-    """The FixtureSpec a finished fixture folder was written with (README.txt, written last), or None."""
-    from data_tools.fixture import FixtureSpec
-
-    try:
-        line = next(l for l in (fixture / "README.txt").read_text().splitlines() if l.startswith("spec: "))
-        return FixtureSpec(**json.loads(line[len("spec: "):]))
-    except (OSError, StopIteration, ValueError, TypeError):
-        return None
 
 
 def _acc(result: dict, split: str, key: str) -> str:
