@@ -213,3 +213,30 @@ def training_options(fn: Callable) -> Callable:
 def default_precision(device: Any, precision: str | None) -> str:
     """`--precision` unset: bf16 on CUDA, fp32 on a CPU (where bf16 autocast is slow)."""
     return precision or ("bf16" if resolve_device(device).type == "cuda" else "fp32")
+
+
+class Parts:
+    """Named parts of a multi-benchmark run (`bench all`, `bench res`): each part's result, or its
+    one-line error (the other parts still run), and its seconds; progress lines as `label: name ...`.
+    MOPRO_BENCH_TRACEBACK=1 also prints a failing part's traceback."""
+
+    def __init__(self, label: str, progress: Callable[[str], None]) -> None:
+        self.label, self.progress = label, progress
+        self.results: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], dict]) -> None:
+        self.progress(f"{self.label}: {name} ...")
+        elapsed = stopwatch()
+        try:
+            self.results[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - recorded, the other parts still run
+            self.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.progress(f"{self.label}: {name} FAILED: {self.errors[name]}")
+            if os.environ.get("MOPRO_BENCH_TRACEBACK"):
+                import traceback
+
+                traceback.print_exc()
+        self.seconds[name] = round(elapsed(), 1)
+        self.progress(f"{self.label}: {name} done in {self.seconds[name]} s")

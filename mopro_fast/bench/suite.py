@@ -22,14 +22,13 @@ import os
 import re
 import sys
 import tempfile
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from mopro_fast.bench.kit import arch_option, device_option, environment, resolve_device, stopwatch
+from mopro_fast.bench.kit import Parts, arch_option, device_option, environment, resolve_device, stopwatch
 
 
 @dataclass
@@ -112,22 +111,8 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
     from mopro_fast.bench.loader import make_shards, run_loader_bench
     from mopro_fast.bench.step import run_step_bench
 
-    results: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-
-    def run(name: str, fn: Callable[[], dict]) -> None:
-        progress(f"bench all: {name} ...")
-        elapsed = stopwatch()
-        try:
-            results[name] = fn()
-        except Exception as exc:  # noqa: BLE001 - recorded, the other benchmarks still run
-            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            progress(f"bench all: {name} FAILED: {errors[name]}")
-            if os.environ.get("MOPRO_BENCH_TRACEBACK"):
-                traceback.print_exc()
-        seconds[name] = round(elapsed(), 1)
-        progress(f"bench all: {name} done in {seconds[name]} s")
+    parts = Parts("bench all", progress)
+    run, results, errors, seconds = parts.run, parts.results, parts.errors, parts.seconds
 
     total = stopwatch()
     if s.threads:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import click
 
-from mopro_fast.bench.kit import device_option, environment, resolve_device, stopwatch
+from mopro_fast.bench.kit import Parts, device_option, environment, resolve_device, stopwatch
 
 SWEEP_IMAGES = 1000  # at most this many generated training images for the loader sides (bench all: 2,000 on a GPU)
 
@@ -40,20 +40,8 @@ def run_sweep(s: Any, step_sides: list[int], loader_sides: list[int], backends: 
     from mopro_fast.bench.step import run_step_bench
     from mopro_fast.bench.suite import device_slug
 
-    results: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-
-    def run(name: str, fn: Callable[[], dict]) -> None:
-        progress(f"bench res: {name} ...")
-        elapsed = stopwatch()
-        try:
-            results[name] = fn()
-        except Exception as exc:  # noqa: BLE001 - recorded, the other sides still run
-            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            progress(f"bench res: {name} FAILED: {errors[name]}")
-        seconds[name] = round(elapsed(), 1)
-        progress(f"bench res: {name} done in {seconds[name]} s")
+    parts = Parts("bench res", progress)
+    run, results, errors, seconds = parts.run, parts.results, parts.errors, parts.seconds
 
     total = stopwatch()
     if s.threads:
