@@ -104,12 +104,10 @@ class Training(NamedTuple):
 def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, world: int = 1,
                 init: str | Path | None = None, momenta: tuple[float, float] | None = None) -> Training:
     """Model, optimiser, GradScaler, autocast and step function as the recipe says: `cfg.model`,
-    `cfg.mopro`, `cfg.optim` (`lr` is the peak lr, `Derived.lr`; `momenta` the key-encoder and
-    prototype momenta, `Derived.key_momentum` and `proto_momentum`, None = mopro.momentum and
-    proto_momentum as given) and `cfg.run`'s precision,
-    channels_last and compile. The caller seeds first. `init`: a checkpoint whose weights start the
-    model (`init_from`). With `world` > 1 the query network is wrapped in DDP. The trainer and the
-    `bench step`/`bench e2e` benchmarks build through here."""
+    `cfg.mopro`, `cfg.optim` (`lr` is the peak lr, `Derived.lr`; `momenta`: `Derived.key_momentum` and
+    `proto_momentum`, None = the recipe's) and `cfg.run`'s precision, channels_last and compile. The
+    caller seeds first. `init`: a checkpoint whose weights start the model (`init_from`). With `world`
+    > 1 the query network is wrapped in DDP. The trainer and `bench step`/`bench e2e` build through here."""
     net = MoProNet(num_classes, cfg.model.arch, cfg.model.proj_dim, cfg.model.proj_hidden, cfg.model.small_stem,
                     cfg.model.width, cfg.model.blurpool)
     key_m, proto_m = momenta or (cfg.mopro.momentum, cfg.mopro.proto_momentum)
@@ -258,8 +256,7 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
     cfg, d, pos = run.cfg, run.derived, run.pos
     results: dict[str, dict] = {}
     batches_per_epoch: list[int] = []  # this rank's, written to RUN/ranks/ (DDP needs them all equal)
-    # images, pixels and training seconds (evaluation and end-of-epoch checkpoints left out) since this
-    # process started: the eval records carry them, for time-to-accuracy (`bench tta`)
+    # images, pixels, training seconds without eval/epoch-end saves: eval records carry them (`bench tta`)
     stats = {"images": 0, "pixels": 0, "wait": 0.0, "start": time.perf_counter(), "paused": 0.0}
     timer = Every(cfg.run.ckpt_every_minutes)
     for epoch in range(pos.epoch, cfg.schedule.epochs):
@@ -299,8 +296,9 @@ def _loop(run: Run, stop: StopRequest, bar: Progress) -> tuple[dict, list[int], 
         pos.epoch, pos.step_in_epoch = epoch + 1, 0
         paused = time.perf_counter()
         if run.eval_loaders and ((epoch + 1) % cfg.run.eval_every == 0 or pos.epoch == cfg.schedule.epochs):
-            results = _evaluate(run, epoch, {"train_seconds": round(paused - stats["start"] - stats["paused"], 3),
-                                             "images_seen": stats["images"], "pixels_seen": stats["pixels"]})
+            seen = {"train_seconds": round(paused - stats["start"] - stats["paused"], 3),
+                    "images_seen": stats["images"], "pixels_seen": stats["pixels"]}
+            results = _evaluate(run, epoch, seen)
         _save(run, timer)
         stats["paused"] += time.perf_counter() - paused
         if dist.any_true(stop.requested)[0] and pos.epoch < cfg.schedule.epochs:
