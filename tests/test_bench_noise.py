@@ -89,3 +89,6 @@ def test_unknown_cell_is_one_line(tmp_path):
     result = run_cli("bench", "noise", "--cells", "pair-n50-ood0-600", "--out", str(tmp_path / "x"))
     one_line(result, 2, "unknown cell pair-n50-ood0-600", "--cells")
     assert not (tmp_path / "x").exists()
+    bad = run_cli("bench", "noise", "--quick", "--set", "optim.lrr=1", "--out", str(tmp_path / "y"))
+    one_line(bad, 2, "optim.lrr: unknown key", "did you mean optim.lr?")
+    assert not (tmp_path / "y").exists()  # refused before anything is written

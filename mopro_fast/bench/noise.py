@@ -203,12 +203,13 @@ def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jo
     report-TAG.json / heatmap-TAG.png; the cross-entropy runs are shared when the variant only
     changes mopro.* keys."""
     suffix = f"-{tag}" if tag else ""
+    schedules = {c: schedule_overrides(recipe, c.size, reference, extra) for c in cells}  # bad overrides: one line, now
     work.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plan = []
     ce_extra = [o for o in extra if not o.startswith("mopro.")]
     for cell in cells:
-        schedule = schedule_overrides(recipe, cell.size, reference, extra)
+        schedule = schedules[cell]
         for seed in range(seeds):
             data = make_data(work, cell, seed)
             plan.append((cell, seed, "mopro", data, [*extra, *schedule]))
