@@ -38,7 +38,7 @@ from typing import Callable
 
 from mopro_fast.errors import MoproError
 from data_tools import ffcv_stage, workers as pool
-from data_tools.accounting import SplitLost, check_kept, check_present, split_summary
+from data_tools.accounting import SplitLost, check_kept, check_present, compact_state, split_summary
 from data_tools.beton import FIELDS_DOC, PAGE_SIZE, BetonError, BetonSettings
 from data_tools.convert_config import DEFAULTS as _D, recipe_of, validate_convert
 from data_tools.imaging import ImageRejected, prepare_image
@@ -224,7 +224,7 @@ def _run_all(tasks: list[ShardTask], finished: dict[str, dict | None], settings:
     for task in tasks:
         state = _reusable(task, finished[task.name], current_betons)
         if state is not None:
-            states[task.name] = state
+            states[task.name] = compact_state(state)
         else:
             todo.append(task)
     reused = len(tasks) - len(todo)
@@ -232,7 +232,8 @@ def _run_all(tasks: list[ShardTask], finished: dict[str, dict | None], settings:
     if reused:
         bar.update(0, reused=f"{reused} shards")
     try:
-        states.update(pool.run_tasks(run_shard, todo, (settings,), workers, lambda n: bar.update(n - bar.done)))
+        states.update(pool.run_tasks(run_shard, todo, (settings,), workers, lambda n: bar.update(n - bar.done),
+                                     keep=compact_state))
     finally:
         bar.close()
     return states

@@ -1,13 +1,13 @@
 """Reading a WebVision file list ("<relative path> <label>" per line) in chunks, with numpy.
 
-`read_file_list` streams the file in chunks of whole lines (8 MB) and parses each with array
+`read_file_list` streams the file in chunks of whole lines (2 MB) and parses each with array
 operations: line bounds, the one space before the label, the label's digits, the path checks. A
 chunk that holds anything this fast path does not handle exactly (non-ASCII bytes, tabs, a lone
 CR, leading, trailing or repeated spaces, a bad line) is parsed line by line in Python with the
 rules of `data_tools.webvision` (which also gives the one-line error naming file and line), so
 both paths give the same result; the fast one only ever sees plain lines. What comes back is
-compact: labels (int32), the paths' bytes back to back (uint8) and their lengths (int64), only
-for lines with a label below `limit`.
+compact (`Columns`, filled in place): labels (int32), source codes (uint8), the paths' bytes back
+to back (uint8) and their lengths (int64), only for lines with a label below `limit`.
 """
 
 from __future__ import annotations
@@ -18,31 +18,68 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-CHUNK = 8 << 20  # bytes of file text parsed at once: bounds the temporaries (~20 bytes per byte)
+CHUNK = 2 << 20  # bytes of file text parsed at once: bounds the temporaries (~40 bytes per byte)
 _DIGITS = 9  # longer labels take the slow path (no class count comes near 10^9)
 _POW10 = 10 ** np.arange(_DIGITS, dtype=np.int64)
 
 
+class Columns:
+    """The compact columns that file lists are read into, preallocated from the files' sizes (so
+    nothing is concatenated, or copied twice, on the way): labels (int32), source codes (uint8),
+    path lengths (int64) per line, and the paths' bytes back to back (uint8)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        lines = sum(_count_lines(p) for p in paths)
+        self.label = np.empty(lines, np.int32)
+        self.source = np.empty(lines, np.uint8)
+        self.length = np.empty(lines, np.int64)
+        self.blob = np.empty(sum(p.stat().st_size for p in paths), np.uint8)  # paths are shorter than lines
+        self.n = self.nbytes = 0
+
+    def add(self, label: np.ndarray, blob: np.ndarray, length: np.ndarray, code: int) -> None:
+        n, b = len(label), len(blob)
+        self.label[self.n:self.n + n] = label
+        self.source[self.n:self.n + n] = code
+        self.length[self.n:self.n + n] = length
+        self.blob[self.nbytes:self.nbytes + b] = blob
+        self.n, self.nbytes = self.n + n, self.nbytes + b
+
+    def offsets(self) -> np.ndarray:
+        """n + 1 int64 offsets of the paths in the blob."""
+        out = np.empty(self.n + 1, np.int64)
+        out[0] = 0
+        np.cumsum(self.length[:self.n], out=out[1:])
+        return out
+
+
+def _count_lines(path: Path) -> int:
+    """An upper bound on the lines of `path` (newlines + 1), read in chunks."""
+    count = 1
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            count += block.count(b"\n")
+    return count
+
+
 def read_file_list(path: Path, limit: int, slow_line: Callable[[str, int], tuple[str, int] | None],
                    undecodable: Callable[[UnicodeDecodeError, int], Exception],
-                   num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, path bytes, path lengths) of the lines of `path` whose label is below `limit`.
+                   num_classes: int, out: Columns, code: int) -> None:
+    """Add to `out` (with source `code`) the lines of `path` whose label is below `limit`.
 
     `slow_line(text, lineno)` parses one stripped, non-comment line exactly (raising the listing's
     error for a bad one); `undecodable(exc, offset)` makes the error for bytes that are not UTF-8.
     Labels at or above `num_classes` are errors (the slow path raises them).
     """
-    labels, blobs, lengths = [], [], []
     lineno = 0
     for chunk, offset in _chunks(path):
         try:
-            text = codecs.decode(chunk, "utf-8")
+            codecs.decode(chunk, "utf-8")
         except UnicodeDecodeError as exc:
             raise undecodable(exc, offset) from None
         data = np.frombuffer(chunk, dtype=np.uint8)
         parsed = _fast(data, num_classes)
         if parsed is None:
-            parsed, lines = _slow(text, lineno, slow_line)
+            parsed, lines = _slow(chunk.decode(), lineno, slow_line)
         else:
             lines = int(np.count_nonzero(data == 10)) + (1 if len(data) and data[-1] != 10 else 0)
         lineno += lines
@@ -51,12 +88,7 @@ def read_file_list(path: Path, limit: int, slow_line: Callable[[str, int], tuple
         if not keep.all():
             blob = blob[np.repeat(keep, length)]
             y, length = y[keep], length[keep]
-        labels.append(y)
-        blobs.append(blob)
-        lengths.append(length)
-    if not labels:
-        return np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64)
-    return np.concatenate(labels), np.concatenate(blobs), np.concatenate(lengths)
+        out.add(y, blob, length, code)
 
 
 def _chunks(path: Path) -> Iterator[tuple[bytes, int]]:

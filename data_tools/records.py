@@ -65,7 +65,7 @@ def query_of(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-HASH_ROWS = 1 << 19  # paths hashed at once
+HASH_ROWS = 1 << 16  # paths hashed at once (temporaries: ~60 bytes per path byte)
 _P = np.uint64(0x100000001B3)  # an odd 64-bit multiplier (FNV's prime); arithmetic wraps mod 2^64
 _KEPT = np.zeros(256, dtype=bool)  # bytes a key keeps besides '_' (make_key's [A-Za-z0-9-])
 for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-":
@@ -122,25 +122,36 @@ def path_hashes(blob: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.n
 class RecordTable:
     """One split's listed lines as columns (see the module docstring); rows in listing order."""
 
-    def __init__(self, root: str, sources: Sequence[str], index: np.ndarray, label: np.ndarray, source: np.ndarray,
-                 blob: np.ndarray, offsets: np.ndarray, keys: dict[int, str] | None = None, prefix: str = "") -> None:
+    def __init__(self, root: str, sources: Sequence[str], index: np.ndarray | None, label: np.ndarray,
+                 source: np.ndarray, blob: np.ndarray, offsets: np.ndarray, keys: dict[int, str] | None = None,
+                 prefix: str = "") -> None:
         self.root, self.sources, self.prefix = str(root), tuple(sources), prefix
-        self.index, self.label, self.source = index, label, source  # n (int64), n (int32), n (uint8)
+        # n (int64; None: the row itself, as in a split's own table), n (int32), n (uint8)
+        self._index, self.label, self.source = index, label, source
         self.blob, self.offsets = blob, offsets  # total bytes (uint8), n + 1 (int64)
         self.keys = keys or {}  # index -> key, where it is not make_key(path)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.label)
+
+    @property
+    def index(self) -> np.ndarray:
+        """Each row's position in its split (int64)."""
+        return np.arange(len(self), dtype=np.int64) if self._index is None else self._index
+
+    def index_of(self, row: int) -> int:
+        return row if self._index is None else int(self._index[row])
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.index, self.label, self.source, self.blob, self.offsets))
+        own = [] if self._index is None else [self._index]
+        return sum(a.nbytes for a in (*own, self.label, self.source, self.blob, self.offsets))
 
     def path(self, row: int) -> str:
         return self.prefix + self.blob[self.offsets[row]:self.offsets[row + 1]].tobytes().decode()
 
     def record(self, row: int) -> Record:
-        path, index = self.path(row), int(self.index[row])
+        path, index = self.path(row), self.index_of(row)
         return Record(key=self.keys.get(index) or make_key(path), root=self.root, path=path,
                       label=int(self.label[row]), source=self.sources[self.source[row]], index=index,
                       query=query_of(path))
@@ -151,7 +162,7 @@ class RecordTable:
         lengths = self.offsets[rows + 1] - self.offsets[rows]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         starts = np.repeat(self.offsets[rows] - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
-        index = self.index[rows]
+        index = rows.copy() if self._index is None else self._index[rows]
         keys = {i: self.keys[i] for i in index.tolist() if i in self.keys} if self.keys else {}
         return RecordTable(self.root, self.sources, index, self.label[rows], self.source[rows], self.blob[starts],
                            offsets, keys, self.prefix)
@@ -180,10 +191,10 @@ class RecordTable:
             key = make_key(path)
             if key in taken:  # two different paths that sanitise alike: a path hash keeps keys unique and stable
                 key = f"{key}-{hashlib.sha1(path.encode()).hexdigest()[:10]}"
-                self.keys[int(self.index[row])] = key
+                self.keys[self.index_of(row)] = key
             taken.add(key)
         for row in duplicates.tolist():
-            index = int(self.index[row])
+            index = self.index_of(row)
             self.keys[index] = f"{make_key(self.path(row))}-dup{index}"
         return records, duplicates
 
@@ -228,7 +239,7 @@ def table_of(root: str, lines: Sequence[tuple[str, int, str]], prefix: str = "")
     code = {s: i for i, s in enumerate(sources)}
     encoded = [p.encode() for p, _, _ in lines]
     lengths = np.array([len(b) for b in encoded], dtype=np.int64)
-    return RecordTable(root, sources, np.arange(len(lines), dtype=np.int64),
+    return RecordTable(root, sources, None,
                        np.array([y for _, y, _ in lines], dtype=np.int32),
                        np.array([code[s] for _, _, s in lines], dtype=np.uint8),
                        np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from data_tools.filelist import read_file_list
+from data_tools.filelist import Columns, read_file_list
 from data_tools.records import Record, RecordTable, RecordView, make_key, table_of  # noqa: F401 (Record, make_key: public here)
 from mopro_fast.errors import MoproError
 
@@ -109,19 +109,18 @@ def list_webvision(
     if limit < 1:
         raise ListingError(f"--classes must be at least 1, got {limit}")
 
-    parts = []
-    for code, source in enumerate(wanted):
+    files = []
+    for source in wanted:
         path = root / "info" / f"train_filelist_{source}.txt"
         if not path.is_file():
             raise ListingError(f"{path}: not found; list it or leave {source} out with --sources")
-        parts.append((*_read_label_file(path, num_classes, limit), code))
-    train = _split_from_parts("train", root, wanted, parts)
+        files.append(path)
+    train = _split_from_files("train", root, wanted, files, num_classes, limit)
 
     val_list = root / "info" / "val_filelist.txt"
     splits = {"train": train}
     if val_list.is_file():
-        splits["val"] = _split_from_parts("val", root, ["val"], [(*_read_label_file(val_list, num_classes, limit), 0)],
-                                          prefix=f"{val_dir}/")
+        splits["val"] = _split_from_files("val", root, ["val"], [val_list], num_classes, limit, prefix=f"{val_dir}/")
     if not train.records:
         raise ListingError(f"{root}: no training records selected (subset={subset}, classes={limit}, "
                            f"sources={','.join(wanted)}); check the filters")
@@ -184,16 +183,20 @@ def _make_split(name: str, root: Path, lines: Sequence[tuple[str, int, str]]) ->
     return _split(name, table_of(str(root), list(lines)))
 
 
-def _split_from_parts(name: str, root: Path, sources: Sequence[str],
-                      parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int]], prefix: str = "") -> Split:
-    """A split from the compact output of `read_file_list` for each source file, in order."""
-    labels = np.concatenate([p[0] for p in parts])
-    lengths = np.concatenate([p[2] for p in parts])
-    table = RecordTable(str(root), sources, np.arange(len(labels), dtype=np.int64), labels,
-                        np.concatenate([np.full(len(p[0]), p[3], dtype=np.uint8) for p in parts]),
-                        np.concatenate([p[1] for p in parts]),
-                        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), prefix=prefix)
-    del parts, labels, lengths
+def _split_from_files(name: str, root: Path, sources: Sequence[str], files: Sequence[Path], num_classes: int,
+                      limit: int, prefix: str = "") -> Split:
+    """A split from file lists (one per source, in order), read into compact columns."""
+    try:
+        columns = Columns(list(files))
+    except OSError as exc:
+        raise ListingError(f"{exc.filename}: cannot read it ({exc.strerror or type(exc).__name__}); "
+                           f"check that it is a readable text file") from None
+    for code, path in enumerate(files):
+        _read_label_file(path, num_classes, limit, columns, code)
+    n = columns.n
+    table = RecordTable(str(root), sources, None, columns.label[:n], columns.source[:n],
+                        columns.blob[:columns.nbytes], columns.offsets(), prefix=prefix)
+    del columns
     return _split(name, table)
 
 
@@ -202,14 +205,14 @@ def _split(name: str, table: RecordTable) -> Split:
     return Split(name, table, rows, [table.record(r) for r in duplicates.tolist()])
 
 
-def _read_label_file(path: Path, num_classes: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, path bytes, path lengths) of a file list's lines with a label below `limit`."""
+def _read_label_file(path: Path, num_classes: int, limit: int, columns: Columns, code: int) -> None:
+    """Add a file list's lines with a label below `limit` to `columns`, with source `code`."""
     def undecodable(exc: UnicodeDecodeError, offset: int) -> ListingError:
         return ListingError(f"{path}: not UTF-8 text ({exc.reason} at byte {offset + exc.start})")
 
     try:
-        return read_file_list(path, limit, lambda line, lineno: _label_line(path, line, lineno, num_classes),
-                              undecodable, num_classes)
+        read_file_list(path, limit, lambda line, lineno: _label_line(path, line, lineno, num_classes),
+                       undecodable, num_classes, columns, code)
     except OSError as exc:
         raise ListingError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__}); "
                            f"check that it is a readable text file") from None
