@@ -1,4 +1,8 @@
-"""Listing of a WebVision 1.0 root and of ImageNet val (DESIGN.md section 2).
+"""Listing of a WebVision root (1.0, or 2.0: the same info/ files) and of ImageNet val (DESIGN.md section 2).
+
+Nothing here assumes a class count or ImageNet synsets: the classes are the lines of synsets.txt
+(1,000 in 1.0, 5,000 in 2.0, whose ids beyond the ILSVRC-2012 ones are other WordNet synsets), and
+a listing of 16 M lines is held in compact columns (data_tools/records.py).
 
 A listing turns the data set's text files into `Record`s: one per listed image, with a stable
 key, the path relative to the image root, the web label, the source and the query id. Nothing
@@ -66,7 +70,7 @@ class Synset:
 def read_synsets(root: Path) -> list[Synset]:
     path = Path(root) / "info" / "synsets.txt"
     if not path.is_file():
-        raise ListingError(f"{path}: not found; is {root} a WebVision 1.0 root (it needs info/synsets.txt)?")
+        raise ListingError(f"{path}: not found; is {root} a WebVision root (1.0 or 2.0: it needs info/synsets.txt)?")
     synsets = []
     for lineno, line in _lines(path):
         parts = line.split(maxsplit=1)

@@ -74,10 +74,7 @@ def final_model(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the worker through /proc")
 def test_rank_killed_mid_epoch_restarts_and_resumes_to_the_same_weights(data, tmp_path: Path) -> None:
-    reference = torchrun(data, tmp_path / "ref")
-    log, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, log[-3000:]
-
+    reference = torchrun(data, tmp_path / "ref")  # uninterrupted, run alongside (the runs share nothing)
     out = tmp_path / "elastic"
     proc = torchrun(data, out)
     first = out / checkpoint_name(0, EVERY)
@@ -91,6 +88,8 @@ def test_rank_killed_mid_epoch_restarts_and_resumes_to_the_same_weights(data, tm
     killed_at = max(int(p.name.split("-s")[1][:8]) for p in list_checkpoints(out))
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
+    ref_log, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_log[-3000:]
     assert killed_at < 6, "rank 1 was killed after the epoch's last step: not mid-epoch"
     assert "torchrun restart 1: resuming from the newest checkpoint" in log, log[-3000:]
     assert "resumed from" in log and "(epoch 0, step " in log, log[-3000:]
