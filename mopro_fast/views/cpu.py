@@ -9,7 +9,8 @@ Training gives each sample two views (MoPro section 3.1, augmentations of MoCo v
   order), then a horizontal flip with p = 0.5. This is MoCo v1's order; since every jitter op is
   channel-symmetric, a grayscale strong view stays R = G = B.
 The pixel work is torchvision.transforms.v2.functional on uint8 (antialiased bilinear resize), so
-it matches `torchvision.transforms.v2` given the same parameters. The parameters are sampled here,
+it matches `torchvision.transforms.v2` given the same parameters, but for the hue shift, which is
+`views.hue.adjust_hue_uint8` (the same rotation to one grey level, 4x faster). The parameters are sampled here,
 not by torchvision, because v2 transforms draw from the global torch RNG: our draws come from a
 `torch.Generator` the caller seeds, which makes every view reproducible (see torch_loader.py) and
 lets tests inspect the sampled parameters (`return_params=True`).
@@ -26,6 +27,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
+
+from mopro_fast.views.hue import adjust_hue_uint8
 
 CROP_SCALE = (0.2, 1.0)  # area fraction of the source image (MoCo/MoPro use 0.2, not ImageNet's 0.08)
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio w / h
@@ -117,8 +120,10 @@ def sample_strong(draws: Draws, height: int, width: int) -> ViewParams:
     return ViewParams(top, left, h, w, flip=draws.uniform() < FLIP_P, grayscale=gray, jitter=jitter)
 
 
+# The hue shift is views.hue's closed form (4x faster than torchvision's, equal to one level; oracle:
+# tests/test_views_fast.py); the other three are torchvision's uint8 kernels.
 _JITTER_FNS = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
-               "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+               "saturation": F.adjust_saturation, "hue": adjust_hue_uint8}
 
 
 def apply_view(image: Tensor, params: ViewParams, resolution: int) -> Tensor:
@@ -128,6 +133,8 @@ def apply_view(image: Tensor, params: ViewParams, resolution: int) -> Tensor:
     if params.grayscale:
         out = F.rgb_to_grayscale(out, num_output_channels=3)
     for op, factor in params.jitter:
+        if op == "hue" and params.grayscale:
+            continue  # R = G = B has no hue: torchvision's shift returns a grey image unchanged, exactly
         out = _JITTER_FNS[op](out, factor)
     if params.flip:
         out = F.horizontal_flip(out)
