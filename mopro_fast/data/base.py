@@ -28,6 +28,7 @@ import torch
 
 from mopro_fast.data.batch import Batch, EvalBatch
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
+from mopro_fast.data.host_memory import keep_freed_blocks
 from mopro_fast.errors import MoproError
 from mopro_fast.data.manifest import read_manifest
 
@@ -88,6 +89,7 @@ class _Shared:
         if hasattr(options, "check"):
             options.check()
         self.options = options
+        self.host_memory = keep_freed_blocks()  # batch memory reused, not page-faulted anew (host_memory.py)
         self.num_samples = self._read_split(spec.shards, split)
 
     def _read_split(self, shards: Path, split: str) -> int:
