@@ -26,16 +26,15 @@ _SEXTANT_OFFSET = torch.tensor((5.0, 3.0, 1.0)).view(3, 1, 1)  # n_c for (r, g, 
 _TO_UINT8 = 255.999 / 255.0  # torchvision's float -> uint8 scale (to_dtype_image, eps = 1e-3), on [0, 255]
 
 
-def adjust_hue_uint8(image: Tensor, shift: float) -> Tensor:
-    """uint8 `3 x H x W` -> uint8 `3 x H x W` with the hue rotated by `shift` (fraction of the circle,
-    in [-0.5, 0.5]), as `torchvision.transforms.v2.functional.adjust_hue` to one level.
+def rotate_hue(x: Tensor, shift: float) -> Tensor:
+    """The rotation on float `3 x H x W` values on [0, 255] (whole numbers: a uint8 image's values);
+    returns a new float tensor, not yet converted back (see `adjust_hue_uint8`).
 
     Branch-free: the three cases of h6 are blended with 0/1 masks, and `mod 6` is `x - 6 floor(x / 6)`
     (on this CPU `torch.where` and `remainder` cost 10-40x an add on a 224 px plane).
     """
     if not -0.5 <= shift <= 0.5:
         raise ValueError(f"hue shift ({shift}) is not in [-0.5, 0.5]")
-    x = image.float()  # 3 x H x W on [0, 255]
     r, g, b = x.unbind(0)  # each H x W
     top = x.amax(dim=0)  # H x W, M
     chroma = top - x.amin(dim=0)  # H x W, C: a whole number, 0 for grey pixels
@@ -48,5 +47,10 @@ def adjust_hue_uint8(image: Tensor, shift: float) -> Tensor:
     k = h6 + _SEXTANT_OFFSET.to(x.dtype)  # 3 x H x W
     k -= 6.0 * torch.floor(k * (1.0 / 6.0))  # mod 6 -> [0, 6)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)  # 3 x H x W
-    out = top - chroma * ramp  # 3 x H x W on [0, 255]
-    return out.mul_(_TO_UINT8).to(torch.uint8)
+    return top - chroma * ramp  # 3 x H x W on [0, 255]
+
+
+def adjust_hue_uint8(image: Tensor, shift: float) -> Tensor:
+    """uint8 `3 x H x W` -> uint8 `3 x H x W` with the hue rotated by `shift` (fraction of the circle,
+    in [-0.5, 0.5]), as `torchvision.transforms.v2.functional.adjust_hue` to one level."""
+    return rotate_hue(image.float(), shift).mul_(_TO_UINT8).to(torch.uint8)
