@@ -18,6 +18,7 @@ a conversion made with `--format both`.
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 from pathlib import Path
@@ -243,6 +244,7 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
                                    "max_side": max_side,
                                    "photos": [p.name for p in real_photos()] if photos else []})
     result["env"] = environment(device)
+    result["date"] = datetime.date.today().isoformat()
     return result
 
 
