@@ -31,6 +31,12 @@ from numba import prange
 
 from mopro_fast.data.batch import IMAGENET_MEAN, IMAGENET_STD
 
+# These parallel loops run on the trainer's thread while FFCV's pipeline thread runs its own: numba's
+# "workqueue" layer is not safe for that, so ask for a thread-safe one (TBB, which the ffcv extra's
+# system packages bring along with OpenCV, or OpenMP). Set before the first parallel launch.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "threadsafe"
+
 _LUMA_R, _LUMA_G, _LUMA_B = 0.2989, 0.587, 0.114  # torchvision's rgb_to_grayscale weights
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # op codes, views.cpu.JITTER_OPS order
 MEAN = np.array([255 * m for m in IMAGENET_MEAN], dtype=np.float32)
