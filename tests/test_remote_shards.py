@@ -19,16 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("s3fs", reason="the remote-shards tests need s3fs and moto[server] (requirements.lock)")
-pytest.importorskip("moto.server", reason="the remote-shards tests need moto[server] (requirements.lock)")
-
-from data_tools.fixture import FixtureSpec  # noqa: E402
-from mopro_fast.data.cache import ShardCache, cache_folder  # noqa: E402
-from mopro_fast.data.errors import ShardError  # noqa: E402
-from mopro_fast.data.manifest import read_manifest  # noqa: E402
-from mopro_fast.data.stream import pieces, shard_order, train_window  # noqa: E402
-from tests.conftest import REPO, TINY, eval_loader, one_line, tiny_args, train, train_loader  # noqa: E402
-from tests.loopback import HttpFolder, MotoS3  # noqa: E402
+from data_tools.fixture import FixtureSpec
+from mopro_fast.data.cache import ShardCache, cache_folder
+from mopro_fast.data.errors import ShardError
+from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.stream import pieces, shard_order, train_window
+from tests.conftest import REPO, TINY, eval_loader, one_line, tiny_args, train_loader
+from tests.loopback import HttpFolder, MotoS3
 
 SPEC = FixtureSpec(classes=4, train_per_class=24, val_per_class=4, imagenet_per_class=2, image_size=40, seed=5)
 RUN = {"schedule.epochs": 1}  # the tiny recipe, one epoch of 3 steps
@@ -78,12 +75,30 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
 
 
+def _start_train(*args, env: dict | None = None) -> subprocess.Popen:
+    """`mopro-fast train TINY ARGS` started in the background (one torch thread: two may run at once)."""
+    return subprocess.Popen([sys.executable, "-m", "mopro_fast.cli", "train", str(TINY), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _finish(child: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for `child` (a run past `timeout` seconds fails the test: subprocess.TimeoutExpired)."""
+    try:
+        out, err = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
 def test_training_from_s3_through_the_cache_equals_the_local_run(data, s3, tmp_path: Path) -> None:
-    local = train(*tiny_args(data["shards"], tmp_path / "local", **RUN))
-    assert local.returncode == 0, local.stderr[-3000:]
     cache = tmp_path / "cache"
-    remote = train(*tiny_args(s3.url, tmp_path / "s3", **RUN, **{"data.cache_dir": cache}))
-    assert remote.returncode == 0, remote.stderr[-3000:]
+    children = [_start_train(*tiny_args(data["shards"], tmp_path / "local", **RUN)),  # the two side by side
+                _start_train(*tiny_args(s3.url, tmp_path / "s3", **RUN, **{"data.cache_dir": cache}))]
+    for result in [_finish(child, 300) for child in children]:
+        assert result.returncode == 0, result.stderr[-3000:]
     a, b = _final(tmp_path / "local"), _final(tmp_path / "s3")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # Every shard the run read is cached once, byte-identical to the local one, and nothing partial is left.
@@ -95,7 +110,8 @@ def test_training_from_s3_through_the_cache_equals_the_local_run(data, s3, tmp_p
 
 
 def test_a_shard_with_a_wrong_checksum_is_refused_in_one_line(s3, tmp_path: Path) -> None:
-    result = train(*tiny_args(s3.bad, tmp_path / "run", **RUN, **{"data.cache_dir": tmp_path / "cache"}))
+    result = _finish(_start_train(*tiny_args(s3.bad, tmp_path / "run", **RUN, **{"data.cache_dir": tmp_path / "cache"})),
+                     120)
     one_line(result, 2, "s3://shards/bad/train/train-000003.tar", "sha256", prefix="error: bad shard")
     assert not list((tmp_path / "cache").rglob("train-000003.tar*")) and not list((tmp_path / "cache").rglob(".*"))
 
@@ -107,22 +123,17 @@ def test_a_server_gone_mid_epoch_ends_in_one_line_after_the_retries(data, tmp_pa
         cache = tmp_path / "cache"
         args = tiny_args(url, tmp_path / "run", **RUN, **{"data.cache_dir": cache, "loader.workers": 0,
                                                           "loader.shuffle_buffer": 8})
-        child = subprocess.Popen([sys.executable, "-m", "mopro_fast.cli", "train", str(TINY), *args], cwd=REPO,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, **server.env, "PYTHONUNBUFFERED": "1"})
+        child = _start_train(*args, env=server.env)
         deadline = time.monotonic() + 120
         while not list(cache.rglob("train-*.tar")) and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         server.kill()  # the first training shard has arrived: the epoch is under way
         t0 = time.monotonic()
-        _, stderr = child.communicate(timeout=60)  # a hang fails here
+        result = _finish(child, 60)  # a hang fails here
         waited = time.monotonic() - t0
     finally:
         server.kill()
-        if child.poll() is None:
-            child.kill()
-    line = one_line(subprocess.CompletedProcess(child.args, child.returncode, "", stderr), 2,
-                    "s3://gone/tiny/", "after 3 tries", prefix="error: cannot read")
+    line = one_line(result, 2, "s3://gone/tiny/", "after 3 tries", prefix="error: cannot read")
     cached = list(cache.rglob("train-*.tar"))
     assert 1 <= len(cached) < 12, (len(cached), line)  # it stopped mid-epoch
     assert not list(cache.rglob(".*.part")) and waited < 30, waited
@@ -171,3 +182,19 @@ def test_the_cache_verifies_and_never_serves_a_partial_file(data, http, tmp_path
     assert path.read_bytes() == (data["shards"] / entry.file).read_bytes()
     with pytest.raises(ShardError, match="outside its folder"):
         cache.local("../escape.tar", None, None)
+
+
+def test_dali_reads_s3_itself_and_http_through_the_cache(data, s3, http, tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    from mopro_fast.data.source import CacheNeeded
+
+    def batches(shards, **spec):
+        return [(b.view_q, b.label, b.index) for b in train_loader(shards, "dali", steps_per_epoch=3, **spec)]
+
+    local = batches(data["shards"])
+    assert len(local) == 3
+    for remote in (batches(s3.url), batches(http.url, cache_dir=tmp_path)):  # DALI's S3 reader; the cache
+        assert all(torch.equal(x, y) for a, b in zip(local, remote) for x, y in zip(a, b))
+    assert (cache_folder(tmp_path, http.url, read_manifest(http.url).sha256) / "train" / "train-000000.idx").is_file()
+    with pytest.raises(CacheNeeded, match="data.cache_dir"):
+        batches(http.url)

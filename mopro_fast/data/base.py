@@ -33,7 +33,7 @@ from mopro_fast.data.batch import Batch, EvalBatch
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
 from mopro_fast.errors import MoproError
 from mopro_fast.data.manifest import read_manifest
-from mopro_fast.data.remote import location
+from mopro_fast.data.remote import location, scheme
 from mopro_fast.data.source import ShardSource
 
 
@@ -106,6 +106,21 @@ class _Shared:
         self._paths, self._sizes = list(self._source.names), [s.samples for s in infos]
         self._where = (str(shards), split)
         return sum(self._sizes)
+
+    def _reader_paths(self, backend: str, native: tuple[str, ...] = ()) -> list[str]:
+        """The .tar paths for a library that opens the files itself (each with its .idx beside it).
+
+        Local shards: as they are. Behind a URL: the URLs when the library reads that scheme itself
+        (`native`, e.g. DALI's S3 reader) and no cache is set; else the cached copies, every shard of the
+        split fetched (with its .idx) and verified up front, as such a reader plans over all of them.
+        """
+        source = self._source
+        if not source.remote or not source.names or (source.cache is None and scheme(source.names[0]) in native):
+            return list(source.names)
+        what = f"loader.backend={backend}" + (f" (it reads {', '.join(native)}:// itself)" if native else "")
+        for i in range(len(source)):
+            source.local_index(i, what)
+        return [source.local(i, what) for i in range(len(source))]
 
 
 class TrainLoaderBase(_Shared, EpochPlan):
