@@ -25,7 +25,7 @@ from mopro_fast.data.errors import ShardError
 from mopro_fast.data.manifest import read_manifest
 from mopro_fast.data.stream import pieces, shard_order, train_window
 from tests.conftest import REPO, TINY, eval_loader, one_line, tiny_args, train_loader
-from tests.loopback import HttpFolder, MotoS3
+from tests.loopback import HttpFolder, MotoS3, free_port
 
 SPEC = FixtureSpec(classes=4, train_per_class=24, val_per_class=4, imagenet_per_class=2, image_size=40, seed=5)
 RUN = {"schedule.epochs": 1}  # the tiny recipe, one epoch of 3 steps
@@ -104,14 +104,15 @@ def test_training_from_s3_through_the_cache_equals_the_local_run(data, s3, tmp_p
     # Every shard the run read is cached once, byte-identical to the local one, and nothing partial is left.
     folder = cache_folder(cache, s3.url, read_manifest(s3.url).sha256)
     cached = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
-    wanted = {Path(s.file) for split in ("train", "val", "imagenet-val") for s in read_manifest(data["shards"]).shards(split)}
+    local = read_manifest(data["shards"])
+    wanted = {Path(s.file) for split in ("train", "val", "imagenet-val") for s in local.shards(split)}
     assert set(cached) == wanted
     assert all((folder / p).read_bytes() == (data["shards"] / p).read_bytes() for p in cached)
 
 
 def test_a_shard_with_a_wrong_checksum_is_refused_in_one_line(s3, tmp_path: Path) -> None:
-    result = _finish(_start_train(*tiny_args(s3.bad, tmp_path / "run", **RUN, **{"data.cache_dir": tmp_path / "cache"})),
-                     120)
+    args = tiny_args(s3.bad, tmp_path / "run", **RUN, **{"data.cache_dir": tmp_path / "cache"})
+    result = _finish(_start_train(*args), 120)
     one_line(result, 2, "s3://shards/bad/train/train-000003.tar", "sha256", prefix="error: bad shard")
     assert not list((tmp_path / "cache").rglob("train-000003.tar*")) and not list((tmp_path / "cache").rglob(".*"))
 
@@ -198,3 +199,17 @@ def test_dali_reads_s3_itself_and_http_through_the_cache(data, s3, http, tmp_pat
     assert (cache_folder(tmp_path, http.url, read_manifest(http.url).sha256) / "train" / "train-000000.idx").is_file()
     with pytest.raises(CacheNeeded, match="data.cache_dir"):
         batches(http.url)
+
+
+def test_missing_unreachable_and_unknown_locations_are_one_line(http) -> None:
+    from mopro_fast.data.manifest import ManifestError
+    from mopro_fast.data.remote import BACKOFF, TRIES
+
+    with pytest.raises(ManifestError, match=r"/nowhere/manifest.json is not there"):
+        read_manifest(f"{http.url}/nowhere")  # a 404: at once
+    t0 = time.monotonic()
+    with pytest.raises(ManifestError, match=rf"after {TRIES} tries \(Cannot connect"):
+        read_manifest(f"http://127.0.0.1:{free_port()}/shards")  # nobody listens: the retries, then one line
+    assert BACKOFF * (2 ** (TRIES - 1) - 1) <= time.monotonic() - t0 < 20
+    with pytest.raises(ShardError, match="unknown URL scheme 'ftp'"):
+        read_manifest("ftp://host/shards")

@@ -116,7 +116,7 @@ def _read_remote(root: str) -> bytes:
     try:
         return read_url(f"{root}/{MANIFEST}")
     except ShardError as exc:  # remote.RemoteError: not there, not allowed, unreachable
-        raise ManifestError(f"no usable {MANIFEST} at {root}: {exc}") from None
+        raise ManifestError(str(exc)) from None
 
 
 def _parse(root: Path | str, path: Path | str, data: bytes) -> Manifest:

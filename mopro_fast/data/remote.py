@@ -98,9 +98,19 @@ def _filesystem(url: str) -> Any:
     return fs
 
 
-def _fatal(exc: BaseException) -> bool:
-    """Errors a retry cannot cure: the file is not there, not allowed, or a library is missing."""
-    return isinstance(exc, (FileNotFoundError, PermissionError, ImportError, ShardError, ValueError))
+def _kind(exc: BaseException) -> tuple[str, BaseException]:
+    """('missing' | 'denied' | 'fatal' (a retry cannot cure it) | 'transient' (retry), the root cause)."""
+    root = exc
+    while isinstance(root, FileNotFoundError) and root.__cause__ is not None:
+        root = root.__cause__  # fsspec's http file system wraps every failed HEAD/GET in FileNotFoundError
+    status = getattr(root, "status", None)  # aiohttp.ClientResponseError
+    if status == 404 or isinstance(root, FileNotFoundError):
+        return "missing", root
+    if status in (401, 403) or isinstance(root, PermissionError):
+        return "denied", root
+    if isinstance(status, int) and 400 <= status < 500 or isinstance(root, (ImportError, ValueError)):
+        return "fatal", root
+    return "transient", root
 
 
 class _UrlReader(io.RawIOBase):
@@ -139,12 +149,19 @@ class _UrlReader(io.RawIOBase):
                 buffer[:len(data)] = data
                 self.pos += len(data)
                 return len(data)
+            except ShardError:
+                self._drop()
+                raise  # ours already (a library that is not installed)
             except Exception as exc:  # noqa: BLE001 - the libraries raise many types for one cut connection
                 self._drop()
-                if isinstance(exc, FileNotFoundError):
+                kind, exc = _kind(exc)
+                if kind == "missing":
                     raise RemoteError(f"{self.url} is not there (is the whole folder `mopro-fast convert` "
                                       f"wrote uploaded, as it is?)") from None
-                if _fatal(exc):
+                if kind == "denied":
+                    raise RemoteError(f"{self.url}: access denied ({reason(exc)}); credentials come from the "
+                                      f"environment only (AWS_*, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)") from None
+                if kind == "fatal":
                     raise RemoteError(f"cannot read {self.url}: {reason(exc)}") from None
                 if attempt == TRIES:
                     raise RemoteError(f"cannot read {self.url} after {TRIES} tries ({reason(exc)}); is the "
