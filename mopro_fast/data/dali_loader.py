@@ -342,8 +342,8 @@ class DaliEvalLoader(EvalLoaderBase):
         if self.share == 0:
             return
         pipe = _pipeline(_eval_graph, self, 0, self._reader_paths("dali", native=("s3",)), self.rank, self.world_size,
-                         self.resize,
-                         self.resolution, self.device.type == "cuda", self.channels_last, self.options.hw_decoder_load)
+                         self.resize, self.resolution, self.device.type == "cuda", self.channels_last,
+                         self.options.hw_decoder_load)
         left = self.share
         while left > 0:
             image, label, index, ok, src = _checked(pipe.run, self._paths, self._where)

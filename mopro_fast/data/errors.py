@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mopro_fast.errors import MoproError
 
+
 class ShardError(MoproError):
     """A shard or .beton that cannot be read; the message is one line naming it and what to do."""
 
