@@ -45,19 +45,29 @@ from mopro_fast.views.color import apply_strong_color, sample_strong_color
 from mopro_fast.data.errors import check_size, damaged, reason
 from mopro_fast.data.ffcv_color import finish_on_host
 from mopro_fast.data.ffcv_ops import EvalDecoder, TwoViewDecoder, bad_rows, read_params
+from mopro_fast.data.cache import ShardCache, cache_folder
 from mopro_fast.data.manifest import ManifestError, read_manifest
+from mopro_fast.data.source import CacheNeeded
 from mopro_fast.data.stream import eval_window, mix_seed
 
 TAG_ORDER, TAG_CROPS, TAG_COLOR = 11, 12, 13  # keep these seeds apart from stream.py's tags
 
 
-def beton_path(shards: Path | str, split: str) -> tuple[Path, int]:
-    """(path of split's .beton, its sample count) from the manifest; ManifestError when there is none."""
+def beton_path(shards: Path | str, split: str, cache_dir: Path | None = None) -> tuple[Path, int]:
+    """(path of split's .beton, its sample count) from the manifest; ManifestError when there is none.
+
+    FFCV reads a local file: a .beton behind a URL is fetched into `cache_dir` (verified, cache.py)."""
     manifest = read_manifest(shards)
     info = manifest.split(split).get("beton")
     if not info:
         raise ManifestError(f"split {split!r} of {manifest.root} has no FFCV .beton; convert with "
                             f"--format ffcv or --format both")
+    if manifest.remote:
+        if cache_dir is None:
+            raise CacheNeeded(f"loader.backend=ffcv reads a local .beton, and the shards are at {manifest.root}: "
+                              f"set data.cache_dir=/a/local/folder (the .beton is fetched and verified there once)")
+        cache = ShardCache(cache_folder(cache_dir, str(manifest.root), manifest.sha256), str(manifest.root))
+        return cache.local(info["file"], info.get("sha256"), info.get("bytes")), int(info["samples"])
     path = manifest.root / info["file"]
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing; re-run the same convert command")
@@ -185,8 +195,8 @@ def _int_column(array: np.ndarray, device: torch.device) -> torch.Tensor:
 class _BetonSplit:
     """The split's .beton instead of webdataset shards (mixed into both loaders)."""
 
-    def _read_split(self, shards: Path, split: str) -> int:
-        self._beton, num_samples = beton_path(shards, split)
+    def _read_split(self, shards: Path | str, split: str) -> int:
+        self._beton, num_samples = beton_path(shards, split, self.spec.cache_dir)
         return num_samples
 
 
