@@ -125,8 +125,10 @@ class _RawEvalShare(IterableDataset):
 
 def _raw_loader(dataset: IterableDataset, workers: int, prefetch_batches: int) -> DataLoader:
     # Raw bytes are not pinned: decode_jpeg reads them on the host (nvJPEG's Huffman stage) anyway.
+    # generator: never the global torch RNG (exact resume, as torch_loader._data_loader says).
     return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      prefetch_factor=max(1, -(-prefetch_batches // workers)) if workers else None)
+                      prefetch_factor=max(1, -(-prefetch_batches // workers)) if workers else None,
+                      generator=torch.Generator())
 
 
 class NvjpegTrainLoader(TrainLoaderBase):

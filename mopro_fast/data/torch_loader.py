@@ -196,8 +196,11 @@ class _EvalShare(IterableDataset):
 def _data_loader(dataset: IterableDataset, workers: int, device: torch.device, prefetch: int) -> DataLoader:
     """`prefetch` batches ahead per rank, spread over the workers (DataLoader counts per worker)."""
     # batch_size=None: workers already yield whole batches (stacked in place, no collate copy).
+    # generator: its own, so that starting an epoch never draws from the global torch RNG (a resumed
+    # run starts one mid-epoch; shuffle-BN's permutations come from that RNG, see mopro_fast.dist).
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=max(1, -(-prefetch // workers)) if workers else None)
+                      prefetch_factor=max(1, -(-prefetch // workers)) if workers else None,
+                      generator=torch.Generator())
 
 
 class TorchTrainLoader(TrainLoaderBase):
