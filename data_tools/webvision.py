@@ -200,6 +200,11 @@ def make_key(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "x"
 
 
+def make_split(name: str, root: Path, lines: Iterable[tuple[str, int, str]]) -> Split:
+    """A Split of `(path relative to root, label, source)` lines, with the keys every listing makes."""
+    return _make_split(name, root, lines)
+
+
 def _make_split(name: str, root: Path, lines: Iterable[tuple[str, int, str]]) -> Split:
     records: list[Record] = []
     duplicates: list[Record] = []
