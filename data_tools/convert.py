@@ -312,7 +312,8 @@ def _run_all(tasks: list[ShardTask], finished: dict[str, dict | None], settings:
 
 def convert(src: Path, out: Path, settings: ConvertSettings, workers: int | None = None,
             overwrite: bool = False, progress: bool = True, fmt: str = "wds",
-            beton: BetonSettings | None = None, progress_seconds: float = 30.0, listing: Callable | None = None) -> dict:
+            beton: BetonSettings | None = None, progress_seconds: float = 30.0,
+            listing: Callable | None = None) -> dict:
     """Convert SRC into shards (and/or .beton files, `fmt`) under OUT; returns the manifest (also
     written to OUT/manifest.json). `progress`: a bar on a TTY, else a plain line on stderr every
     `progress_seconds` (0: none). `listing`: () -> (splits, synsets) in place of SRC's WebVision listing

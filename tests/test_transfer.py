@@ -137,7 +137,8 @@ def invoke(*args):
 
 def test_bad_transfer_input_is_one_line(trained_ckpt, transfer_data, tmp_path: Path) -> None:
     for args, words in ((["svm", trained_ckpt, "--dataset", "voc07", "--root", tmp_path], "not a VOC2007 folder"),
-                        (["svm", trained_ckpt, "--dataset", "places205", "--root", tmp_path], "trainvalsplit_places205"),
+                        (["svm", trained_ckpt, "--dataset", "places205", "--root", tmp_path],
+                         "trainvalsplit_places205"),
                         (["knn", tmp_path / "nope.pt", "--train", tmp_path, "--val", tmp_path], "no such checkpoint"),
                         (["knn", trained_ckpt, "--train", transfer_data["imagenet"] / "val", "--val",
                           transfer_data["voc07"]], "is not a class of the training folder"),

@@ -57,6 +57,8 @@ def main() -> None:
       mopro-fast clean RUN/ckpt-....pt              # cleaned labels of the training set
       mopro-fast retrain RUN/ckpt-....pt --labels RUN/clean    # cRT on them
       mopro-fast report RUN                         # HTML page: curves, counts, galleries
+      mopro-fast transfer svm CKPT --dataset voc07 --root DIR   # low-shot SVMs on the frozen encoder
+      mopro-fast finetune CKPT recipes/finetune_in1k_1pct.yaml --root IMAGENET   # 1 % of ImageNet's labels
       mopro-fast plan recipes/rn50_8gpu.yaml --gpus 8 --img-s-per-gpu 3000   # predicted wall time
 
     \b

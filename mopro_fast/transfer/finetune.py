@@ -137,13 +137,11 @@ def read_subset(path: Path, ft: FinetuneConfig, train: Listing) -> np.ndarray:
 
 def class_order(ckpt_cfg: Config, folder: Path, head: str, num_classes: int) -> tuple[list[str] | None, bool]:
     """(class order, keep the classifier?): the checkpoint's manifest order when its wnids are the folder's."""
-    from mopro_fast.data.manifest import ManifestError
-    from mopro_fast.data.catalog import _classes  # the manifest's class list (id, wnid, name)
-
     found = sorted(d.name for d in Path(folder).iterdir() if d.is_dir()) if Path(folder).is_dir() else []
-    try:
-        theirs = [c.get("wnid") for c in _classes(ckpt_cfg.data.shards)]
-    except (OSError, ValueError, ManifestError):
+    try:  # the classes the checkpoint was trained on, in class-id order, from its shards' manifest
+        listed = json.loads((Path(ckpt_cfg.data.shards) / "manifest.json").read_text()).get("classes") or []
+        theirs = [c.get("wnid") for c in sorted(listed, key=lambda c: c.get("id", 0))]
+    except (OSError, ValueError, AttributeError):
         theirs = []
     same = bool(found) and sorted(theirs) == found
     if head == "keep" and not same and len(found) != num_classes:

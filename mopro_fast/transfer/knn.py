@@ -41,8 +41,7 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num
 def knn_metrics(scores: np.ndarray, test_y: np.ndarray) -> dict[str, float]:
     """top-1 / top-5 (%) for class ids (m,), mAP (%) for label rows (m x C)."""
     if test_y.ndim == 2:
-        m, aps = mean_ap(test_y, scores)
-        return {"mAP": 100.0 * m}
+        return {"mAP": 100.0 * mean_ap(test_y, scores)[0]}
     top = np.argsort(-scores, axis=1, kind="stable")[:, :5]  # m x 5
     hit = top == test_y[:, None]
     return {"top1": float(100.0 * hit[:, 0].mean()), "top5": float(100.0 * hit.any(axis=1).mean())}

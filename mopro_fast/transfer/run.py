@@ -111,8 +111,8 @@ def svm_table(report: dict) -> str:
     head = f"{report['dataset']} {report['metric']} (%)"
     lines = [f"{head:<22}" + "".join(f"{n:>16}" for n in names) + f"{'paper (RN-50)':>16}"]
     for k in report["shots"]:
-        cells = "".join(f"{report['encoders'][n]['per_k'][str(k)]['mean']:>9.1f} +-{report['encoders'][n]['per_k'][str(k)]['std']:>4.1f}"
-                        for n in names)
+        runs = [report["encoders"][n]["per_k"][str(k)] for n in names]
+        cells = "".join(f"{r['mean']:>9.1f} +-{r['std']:>4.1f}" for r in runs)
         lines.append(f"{'k = ' + str(k):<22}{cells}{published.get(k, float('nan')):>16.1f}")
     return "\n".join(lines)
 

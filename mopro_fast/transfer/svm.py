@@ -49,13 +49,9 @@ def _classes_of(labels: np.ndarray, c: int) -> np.ndarray:
     return np.flatnonzero(labels[:, c] > 0 if labels.ndim == 2 else labels == c)
 
 
-def draw(listing: Listing, k: int, rng: np.random.Generator, bad: set[int]) -> list[np.ndarray]:
-    """Per class, its candidates in a random order with the known bad files left out (take the first k)."""
-    order = []
-    for c in range(len(listing.classes)):
-        candidates = _classes_of(listing.labels, c)
-        order.append(np.array([i for i in rng.permutation(candidates) if int(i) not in bad], dtype=np.int64))
-    return order
+def draw(listing: Listing, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per class, the images positive for it in a random order (a draw takes the first k readable ones)."""
+    return [rng.permutation(_classes_of(listing.labels, c)) for c in range(len(listing.classes))]
 
 
 def lowshot_sample(listing: Listing, cache: FeatureCache, k: int, rng: np.random.Generator
@@ -64,7 +60,7 @@ def lowshot_sample(listing: Listing, cache: FeatureCache, k: int, rng: np.random
 
     Bad files are found while computing features; they are replaced by the next candidates of the same
     draw, so a bad file never costs a class one of its k."""
-    order = draw(listing, k, rng, set())
+    order = draw(listing, rng)
     while True:
         bad = set(int(i) for i in cache.bad)
         picked = np.concatenate([o[[int(i) not in bad for i in o]][:k] for o in order])
