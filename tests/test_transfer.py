@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.fixture import class_name
+from data_tools.fixture import class_name, wnid
 from data_tools.transfer_fixture import TransferSpec, make_transfer_fixture
 from mopro_fast.training.checkpoint import list_checkpoints
 from mopro_fast.transfer.ap import voc_ap
@@ -300,3 +300,21 @@ def test_finetune_recipe_is_the_protocol_and_strict(tmp_path: Path) -> None:
         load_recipe(FINETUNE, ["finetune.fractoin=0.1"], model, None, tmp_path)
     with pytest.raises(ConfigError, match="finetune.fraction"):
         load_recipe(FINETUNE, ["finetune.fraction=0"], model, None, tmp_path)
+
+
+def test_finetune_keeps_the_classifier_only_for_the_checkpoints_classes(trained_data, transfer_data,
+                                                                       tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from mopro_fast.transfer.finetune import FinetuneError, class_order
+
+    ckpt_cfg = SimpleNamespace(data=SimpleNamespace(shards=str(trained_data["shards"])))
+    order, keep = class_order(ckpt_cfg, transfer_data["imagenet"] / "train", "auto", TRAINED.classes)
+    assert keep and order == [wnid(c) for c in range(TRAINED.classes)]  # the manifest's class-id order
+    other = tmp_path / "train"
+    for name in ("n01440764", "n01443537"):
+        (other / name).mkdir(parents=True)
+    assert class_order(ckpt_cfg, other, "auto", TRAINED.classes) == (None, False)  # other classes: a fresh head
+    assert class_order(ckpt_cfg, transfer_data["imagenet"] / "train", "fresh", TRAINED.classes)[1] is False
+    with pytest.raises(FinetuneError, match="finetune.head=keep"):
+        class_order(ckpt_cfg, other, "keep", TRAINED.classes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,8 @@ def compute(encoder: Encoder, listing: Listing, indices: np.ndarray, cfg, device
     from mopro_fast.training import runtime
 
     data = _Images(listing, indices, cfg.loader.eval_resize, cfg.loader.eval_resolution)
+    # worker processes only where they pay: no more than the CPUs, none for a few images (a low-shot draw)
+    workers = min(workers, os.cpu_count() or 1, len(indices) // 64)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False)
     good, feats, bad = [], [], []
     for images, index, ok in loader:
