@@ -20,9 +20,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from data_tools.fixture import FixtureSpec
-from mopro_fast.training.checkpoint import list_checkpoints
-from tests.conftest import DEMO, REPO, TINY, TRAINED, one_line, run_cli, tiny_args, trained_settings
+from tests.conftest import DEMO, REPO, TINY, TRAINED, one_line, run_cli, trained_settings
 
 NOISE, OOD = TRAINED.noise, TRAINED.ood
 CLASSES, PER_CLASS = TRAINED.classes, TRAINED.train_per_class

@@ -230,8 +230,8 @@ def _encoder_and_listing(ckpt: Path, data: dict[str, Path]):
 
 TINY_FT = ["loader.batch_size=8", "loader.workers=0", "loader.resolution=32", "loader.eval_resize=36",
            "loader.eval_resolution=32", "loader.shuffle_buffer=1000", "run.precision=fp32", "run.channels_last=false",
-           "run.deterministic=true", "run.tensorboard=false", "schedule.epochs=3", "schedule.milestones=[2]",
-           "run.log_every=1", "run.ckpt_every_steps=3"]  # 2 steps per epoch: saves at steps 2, 3 (mid-epoch 1), 4, 6
+           "run.deterministic=true", "run.tensorboard=false", "schedule.epochs=2", "schedule.milestones=[1]",
+           "run.log_every=1", "run.ckpt_every_steps=3"]  # 2 steps per epoch: saves at steps 2, 3 (mid-epoch 1), 4
 
 
 def finetune_args(ckpt: Path, root: Path, out: Path, *extra: str) -> list[str]:

@@ -167,6 +167,6 @@ def finetune_command(checkpoint: Path, recipe: Path, overrides: tuple[str, ...],
         raise Interrupted("interrupted before a checkpoint could be saved; continue with --resume auto", 130) from None
     finally:
         dist.destroy()
-    if "finished" not in report:
+    if "train_images" in report:  # rank 0 of a run that trained (not a finished run resumed)
         click.echo(json.dumps({k: report[k] for k in ("eval", "train_images", "listed_images", "head", "subset",
                                                       "run_dir")}, indent=1))

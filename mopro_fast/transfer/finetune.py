@@ -15,7 +15,8 @@ overrides; `config.schema`) plus a `finetune` section; the model section is the 
    whose fraction, seed or folder differ), so the same images are used;
 2. the subset and the val folder are converted by `mopro-fast convert`'s own converter into RUN/data
    (shards + manifest; a killed conversion resumes; bad files are counted and skipped as everywhere);
-3. RUN/init.pt holds the weights that start the run (encoder, and the classifier when kept);
+3. the run starts from the checkpoint's weights (`train --init`): all of them when its classifier is kept,
+   else from RUN/init.pt, the checkpoint without its classifiers and class prototypes;
 4. `mopro_fast.training.train.train` runs it: its loop, logs, checkpoints, `--resume auto`, SIGINT/SIGTERM
    saves, evaluation per epoch; RUN/finetune.json adds the subset and the head to its summary.
 Differences from the original: the trainer's weak view (RandomResizedCrop scale 0.2-1, flip) instead of
@@ -169,18 +170,15 @@ def _init_state(trained, keep_head: bool) -> dict:
             "config": trained.state["config"], "finetune_from": str(trained.path)}
 
 
-def finetune(checkpoint: Path, recipe: Path, overrides: list[str] = (), fraction: float | None = None,
-             root: Path | None = None, resume: str | None = None, overwrite_run: bool = False,
-             progress: bool = True, workers: int | None = None) -> dict:
-    """Draw (or reuse) the subset, convert it, and train from the checkpoint; returns RUN/finetune.json's content."""
+def _prepare(trained, cfg: Config, ft: FinetuneConfig, order: list[str] | None, keep_head: bool,
+             resume: str | None, overwrite_run: bool, workers: int | None) -> dict:
+    """Rank 0's part: check run.out, draw (or reuse) the subset, convert it, write init.pt; returns the
+    subset's facts for the report."""
     from data_tools.convert import ConvertSettings, convert
-    from mopro_fast.after.trained import load_trained, torch_bytes
-    from mopro_fast.safe_io import atomic_write_bytes, atomic_write_text
+    from mopro_fast.after.trained import torch_bytes
+    from mopro_fast.safe_io import atomic_write_bytes
     from mopro_fast.training.runfolder import RunFolder
-    from mopro_fast.training.train import train
 
-    trained = load_trained(Path(checkpoint), device=None)
-    cfg, ft = load_recipe(Path(recipe), list(overrides), trained.state["config"]["model"], fraction, root)
     run = Path(cfg.run.out)
     folder = RunFolder(run).claim()  # checks run.out before anything is written into it
     try:
@@ -192,7 +190,6 @@ def finetune(checkpoint: Path, recipe: Path, overrides: list[str] = (), fraction
     finally:
         folder.release()
     base = Path(ft.root)
-    order, keep_head = class_order(trained.cfg, base / ft.train_dir, ft.head, trained.num_classes)
     train_list = read_image_folder(base / ft.train_dir, order, name="train")
     val_list = read_image_folder(base / ft.val_dir, train_list.classes, name="val")
     subset = run / SUBSET
@@ -206,16 +203,52 @@ def finetune(checkpoint: Path, recipe: Path, overrides: list[str] = (), fraction
               f"{subset}", flush=True)
     manifest = convert(base, run / DATA, ConvertSettings(max_side=ft.max_side, seed=cfg.run.seed, shard_size=1000),
                        workers=workers, progress=False, listing=lambda: _splits(train_list, val_list, picked))
-    rejected = {s: v.get("num_rejected", 0) for s, v in manifest["splits"].items()}
-    atomic_write_bytes(run / INIT, torch_bytes(_init_state(trained, keep_head)))
-    summary = train(cfg, resume=resume, progress=progress, init=str(run / INIT), overwrite_run=overwrite_run)
-    if "finished" in summary:
+    if not keep_head:
+        atomic_write_bytes(run / INIT, torch_bytes(_init_state(trained, keep_head)))
+    return {"subset": str(subset), "train_images": int(len(picked)), "listed_images": len(train_list),
+            "classes": len(train_list.classes), "head": "checkpoint's classifier" if keep_head else "fresh",
+            "rejected": {s: v.get("num_rejected", 0) for s, v in manifest["splits"].items()}}
+
+
+def finetune(checkpoint: Path, recipe: Path, overrides: list[str] = (), fraction: float | None = None,
+             root: Path | None = None, resume: str | None = None, overwrite_run: bool = False,
+             progress: bool = True, workers: int | None = None) -> dict:
+    """Draw (or reuse) the subset, convert it, and train from the checkpoint; returns RUN/finetune.json's content.
+
+    Under torchrun, rank 0 prepares (subset, shards, init.pt) while the others wait; a refusal stops every
+    rank with the same line; then every rank trains."""
+    import torch
+
+    from mopro_fast import dist
+    from mopro_fast.after.trained import load_trained
+    from mopro_fast.safe_io import atomic_write_text
+    from mopro_fast.training.train import train
+
+    trained = load_trained(Path(checkpoint), device=torch.device("cpu"))  # its weights and config only
+    cfg, ft = load_recipe(Path(recipe), list(overrides), trained.state["config"]["model"], fraction, root)
+    run = Path(cfg.run.out)
+    dist.init_from_env()
+    facts, error = None, None
+    try:  # on every rank (read-only): which classes, which head, so every rank starts from the same weights
+        order, keep_head = class_order(trained.cfg, Path(ft.root) / ft.train_dir, ft.head, trained.num_classes)
+    except MoproError as exc:
+        order, keep_head, error = None, False, exc
+    if dist.is_main() and error is None:
+        try:
+            facts = _prepare(trained, cfg, ft, order, keep_head, resume, overwrite_run, workers)
+        except MoproError as exc:
+            error = exc
+    message = dist.broadcast_error(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise FinetuneError(message)
+    init = Path(checkpoint) if keep_head else run / INIT  # all its tensors, or all but the classifiers
+    summary = train(cfg, resume=resume, progress=progress, init=str(init), overwrite_run=overwrite_run)
+    if "finished" in summary or not dist.is_main():
         return summary
-    report = {"command": "finetune", "checkpoint": str(checkpoint), "recipe": str(recipe), "root": str(base),
-              "fraction": ft.fraction, "seed": ft.seed, "subset": str(subset), "train_images": int(len(picked)),
-              "listed_images": len(train_list), "classes": len(train_list.classes),
-              "head": "checkpoint's classifier" if keep_head else "fresh", "rejected": rejected,
-              "eval": summary.get("eval"), "epochs": cfg.schedule.epochs, "seconds": summary.get("seconds"),
-              "run_dir": str(run)}
+    report = {"command": "finetune", "checkpoint": str(checkpoint), "recipe": str(recipe), "root": ft.root,
+              "fraction": ft.fraction, "seed": ft.seed, **facts, "eval": summary.get("eval"),
+              "epochs": cfg.schedule.epochs, "seconds": summary.get("seconds"), "run_dir": str(run)}
     atomic_write_text(run / REPORT, json.dumps(report, indent=1) + "\n")
     return report

@@ -54,13 +54,10 @@ def draw(listing: Listing, rng: np.random.Generator) -> list[np.ndarray]:
     return [rng.permutation(_classes_of(listing.labels, c)) for c in range(len(listing.classes))]
 
 
-def lowshot_sample(listing: Listing, cache: FeatureCache, k: int, rng: np.random.Generator
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """k readable images per class (fewer where a class has fewer): (indices m, their features m x F).
-
-    Bad files are found while computing features; they are replaced by the next candidates of the same
-    draw, so a bad file never costs a class one of its k."""
-    order = draw(listing, rng)
+def lowshot_sample(cache: FeatureCache, k: int, order: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """k readable images per class from a draw's `order` (fewer where a class has fewer): (indices m, their
+    features m x F). Bad files are found while computing features; they are replaced by the next candidates
+    of the same draw, so a bad file never costs a class one of its k."""
     while True:
         bad = set(int(i) for i in cache.bad)
         picked = np.concatenate([o[[int(i) not in bad for i in o]][:k] for o in order])
@@ -98,11 +95,14 @@ def evaluate(train: Listing, test: Listing, train_cache: FeatureCache, test_cach
     test_y = test.labels[ok]
     if test_x.shape[0] == 0:
         raise TransferError(f"{test.name}: no readable image in {test.root}")
+    orders = {(k, d): draw(train, np.random.default_rng([seed, k, d])) for k in shots for d in range(draws)}
+    # every draw's first k per class in one pass (full batches), before the draws replace any bad file
+    train_cache.get(np.unique(np.concatenate([o[:k] for (k, _), order in orders.items() for o in order])))
     per_k = {}
     for k in shots:
         runs = []
         for d in range(draws):
-            picked, train_x = lowshot_sample(train, train_cache, k, np.random.default_rng([seed, k, d]))
+            picked, train_x = lowshot_sample(train_cache, k, orders[k, d])
             train_y = train.labels[picked]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*converge.*")
