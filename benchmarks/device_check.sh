@@ -16,7 +16,8 @@
 #     mopro-fast plan recipes/rn50_fast_8gpu.yaml --gpus 8 --img-s-per-gpu $OUT/h200-res-<date>.json
 # Budget on one H200: under 8 minutes in all, bench all taking most of it and bench res about 2
 # (an estimate from its work: three step sides, shards of 1,000 images, two loader sides; the script
-# prints the seconds of each part). Exit status: bench all's, else bench res's.
+# prints the seconds of each part). Then `mopro-fast bench loader --baseline original` with the GPU
+# decoders (about a minute), to <device>-loader-<date>.json. Exit status: bench all's, else the others'.
 #
 # Pure-Python dependencies missing there (webdataset, braceexpand, omegaconf) are installed from
 # wheels carried in a folder: --wheels DIR or $MOPRO_WHEELS. Fetch them on a machine with internet:
@@ -97,7 +98,20 @@ say "bench all: status $status, $(( $(date +%s) - start )) s so far"
 # 3. Step and loader figures per crop side, for `mopro-fast plan` (quick: the tiny profile's sides).
 "$python" -m mopro_fast.cli bench res --device "$device" --backend nvjpeg --out "$sides" ${quick:+--quick}
 res_status=$?
+
+# 4. The CPU data path's yardsticks beside the GPU decoders: the original's PIL loader and the
+#    decode-only ceiling on the host's cores, nvjpeg (and dali's mixed decode when DALI imports) on
+#    the device, at the recipes' crop sizes (quick: the tiny data, one size).
+loader="$out/$slug$quick-loader-$day.json"
+backends="--backend nvjpeg"
+"$python" -c "import nvidia.dali" >/dev/null 2>&1 && backends="$backends --backend dali"
+sizes="--res 224 --res 160 --res 112"
+[ -n "$quick" ] && sizes="--quick --res 64"
+"$python" -m mopro_fast.cli bench loader --baseline original --device "$device" $backends $sizes \
+    --windows 3 --json > "$loader"
+loader_status=$?
 set -e
+[ "$res_status" -eq 0 ] && res_status=$loader_status
 [ "$status" -eq 0 ] && status=$res_status
-say "report $report (+ .md), per-side figures $sides, status $status, $(( $(date +%s) - start )) s in all"
+say "report $report (+ .md), per-side figures $sides, loader yardsticks $loader, status $status, $(( $(date +%s) - start )) s in all"
 exit $status

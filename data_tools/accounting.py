@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from data_tools.webvision import Split
 from mopro_fast.manifest_doc import ShardEntry, SplitSummary
 
@@ -67,10 +69,22 @@ def _message(name: str, listed: int, reasons: dict[str, int], first: str) -> str
            f"{HINTS.get(name, 'check its listing')}"
 
 
+def compact_state(state: dict) -> dict:
+    """A shard's state as `convert` holds it until the manifest is written: its class counts as an
+    int64 array of (label, count) rows instead of a dict with a str key per class (16 M records in
+    5,000 classes would be ~13 M dict entries over 8,000 shards). The state files keep the dict."""
+    counts = state["class_counts"]
+    if isinstance(counts, dict):
+        pairs = np.fromiter((v for item in counts.items() for v in (int(item[0]), item[1])), dtype=np.int64,
+                            count=2 * len(counts))
+        state = {**state, "class_counts": pairs.reshape(-1, 2)}
+    return state
+
+
 def split_summary(split: Split, states: list[dict], k: int) -> SplitSummary:
     """The manifest entry of a split from the states of its shards (in plan order)."""
     shards, rejects, repaired = [], [], []
-    class_counts = [0] * k
+    class_counts = np.zeros(k, dtype=np.int64)
     source_counts: dict[str, int] = {}
     for state in states:
         if state["file"] is not None:
@@ -78,8 +92,8 @@ def split_summary(split: Split, states: list[dict], k: int) -> SplitSummary:
                                      state["index_sha256"]))
         rejects += state["rejects"]
         repaired += state["repaired"]
-        for label, n in state["class_counts"].items():
-            class_counts[int(label)] += n
+        counts = compact_state(state)["class_counts"]  # m x 2: (label, count)
+        np.add.at(class_counts, counts[:, 0], counts[:, 1])
         for source, n in state["source_counts"].items():
             source_counts[source] = source_counts.get(source, 0) + n
     rejects += [{**r.to_json(), "reason": "duplicate_listing", "detail": f"{r.path} listed again"}
@@ -95,5 +109,5 @@ def split_summary(split: Split, states: list[dict], k: int) -> SplitSummary:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     return SplitSummary(num_listed=split.num_listed, num_written=written, num_rejected=len(rejects),
                         rejected_by_reason=dict(sorted(reasons.items())), num_repaired=len(repaired), shards=shards,
-                        class_counts=class_counts, source_counts=dict(sorted(source_counts.items())),
+                        class_counts=class_counts.tolist(), source_counts=dict(sorted(source_counts.items())),
                         rejects=rejects, repaired=repaired)

@@ -27,10 +27,8 @@ asked for: shards or .beton files of another format left by an earlier run are r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -40,12 +38,13 @@ from typing import Callable
 
 from mopro_fast.errors import MoproError
 from data_tools import ffcv_stage, workers as pool
-from data_tools.accounting import SplitLost, check_kept, check_present, split_summary
+from data_tools.accounting import SplitLost, check_kept, check_present, compact_state, split_summary
 from data_tools.beton import FIELDS_DOC, PAGE_SIZE, BetonError, BetonSettings
 from data_tools.convert_config import DEFAULTS as _D, recipe_of, validate_convert
 from data_tools.imaging import ImageRejected, prepare_image
 from data_tools.outdir import (BETON_STATE, FORMAT, MANIFEST, WORK, check_sources, make_out, prepare_out,
                                remove_stale, unmake)
+from data_tools.shard_plan import ShardTask, plan
 from data_tools.shards import INDEX_VERSION, Sample, atomic_write_bytes, atomic_write_json, index_text, \
     sha256_file, write_tar
 from data_tools.webvision import (ListingError, Record, Split, effective_classes, list_imagenet_val, list_webvision,
@@ -98,56 +97,6 @@ class ConvertSettings:
         return found
 
 
-@dataclass(frozen=True)
-class ShardTask:
-    split: str
-    number: int
-    records: tuple[Record, ...]
-    out: str
-    fingerprint: str
-    prefix: str = ""  # "" = the shard is output; WORK + "/" = a work file of an ffcv-only conversion
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.number:06d}"
-
-    @property
-    def tar_rel(self) -> str:
-        return f"{self.prefix}{self.split}/{self.name}.tar"
-
-    @property
-    def idx_rel(self) -> str:
-        return f"{self.prefix}{self.split}/{self.name}.idx"
-
-    @property
-    def state_path(self) -> Path:
-        return Path(self.out) / ".state" / f"{self.name}.json"
-
-    def records_digest(self) -> str:
-        """A digest of the shard's records and of what is on disk for each: file type, size and
-        mtime_ns from one stat (no read), or the error stat gave.
-
-        Stat, rather than content hashes, keeps a resume cheap; it is done here, streaming into
-        the digest, so nothing per record is held beyond the plan. A worker computes the digest
-        before it reads any file of the shard (a file changed during the conversion then fails
-        the next check, never the other way round) and stores it in the shard's state; a re-run
-        recomputes it for each shard that has a state file (in threads: stat waits on the disk),
-        and a change in any input file redoes that shard only.
-        """
-        digest = hashlib.sha256()
-        for r in self.records:
-            digest.update(f"{r.key}\t{r.path}\t{r.label}\t{r.index}\t{r.source}\t{_stat_tag(r.file())}\n".encode())
-        return digest.hexdigest()
-
-
-def _stat_tag(path: Path) -> str:
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return f"error:{exc.errno}"
-    return f"{stat.S_IFMT(st.st_mode):o}:{st.st_size}:{st.st_mtime_ns}"
-
-
 # ----------------------------------------------------------------------------------- planning
 
 def list_splits(src: Path, settings: ConvertSettings) -> tuple[dict[str, Split], list]:
@@ -163,25 +112,6 @@ def list_splits(src: Path, settings: ConvertSettings) -> tuple[dict[str, Split],
 
 def num_classes(settings: ConvertSettings, synsets: list) -> int:
     return effective_classes(settings.subset, settings.classes, len(synsets))
-
-
-def plan(splits: dict[str, Split], settings: ConvertSettings, out: Path, prefix: str = "") -> list[ShardTask]:
-    fingerprint = _fingerprint(settings)
-    tasks = []
-    for name, split in splits.items():
-        records = list(split.records)
-        if name == "train":
-            # Shards in listing order would be class-sorted; a seeded shuffle mixes them once.
-            random.Random(settings.seed).shuffle(records)
-        size = settings.shard_size
-        for number, start in enumerate(range(0, len(records), size)):
-            tasks.append(ShardTask(name, number, tuple(records[start:start + size]), str(out), fingerprint, prefix))
-    return tasks
-
-
-def _fingerprint(settings: ConvertSettings) -> str:
-    blob = json.dumps({"settings": asdict(settings), "format": FORMAT}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ one shard
@@ -294,7 +224,7 @@ def _run_all(tasks: list[ShardTask], finished: dict[str, dict | None], settings:
     for task in tasks:
         state = _reusable(task, finished[task.name], current_betons)
         if state is not None:
-            states[task.name] = state
+            states[task.name] = compact_state(state)
         else:
             todo.append(task)
     reused = len(tasks) - len(todo)
@@ -302,7 +232,8 @@ def _run_all(tasks: list[ShardTask], finished: dict[str, dict | None], settings:
     if reused:
         bar.update(0, reused=f"{reused} shards")
     try:
-        states.update(pool.run_tasks(run_shard, todo, (settings,), workers, lambda n: bar.update(n - bar.done)))
+        states.update(pool.run_tasks(run_shard, todo, (settings,), workers, lambda n: bar.update(n - bar.done),
+                                     keep=compact_state))
     finally:
         bar.close()
     return states

@@ -1,4 +1,9 @@
-"""A small synthetic data set laid out like WebVision 1.0 (DESIGN.md section 2).
+"""A small synthetic data set laid out like WebVision 1.0 (DESIGN.md section 2), or like 2.0.
+
+``layout="2.0"`` is WebVision 2.0's shape: the same info/ files, up to 5,000 classes, five-digit
+query folders (``q00001``; 2.0 has 12,597 queries) and no ImageNet-1k eval split (its classes are
+not the ILSVRC-2012 ones). Classes beyond 2520 repeat the drawing of class ``c mod 2520``: such a
+fixture checks listing, conversion and training at 5,000 classes, not what a model can learn.
 
 Class c is a drawn object: shape ``c mod 9``, hue ``c mod 8``, fill pattern ``c mod 5``, edge colour
 ``c mod 7``. The moduli are pairwise coprime, so (Chinese remainder theorem) the first 2520 classes are
@@ -77,6 +82,8 @@ PATTERNS = ("plain", "hstriped", "vstriped", "dotted", "checked")
 EDGES = ("", "white", "black", "grey", "dark", "light", "inverse")
 MAX_CLASSES = len(SHAPES) * len(HUES) * len(PATTERNS) * len(EDGES)  # 2520, see module docstring
 MAX_CLASSES_NO_HUE = len(SHAPES) * len(PATTERNS) * len(EDGES)  # 315: shape, pattern and edge only
+WEBVISION2_CLASSES = 5000  # layout "2.0": classes allowed (drawings repeat beyond MAX_CLASSES)
+LAYOUTS = ("1.0", "2.0")
 CORRUPT_KINDS = ("truncated", "png_as_jpg", "gif_as_jpg", "cmyk", "grayscale", "empty", "missing", "huge")
 HUGE_SIDE = 20000
 _TRAIN, _VAL, _IMAGENET, _CORRUPT, _PLAN = range(5)  # seed-key namespaces: one rng stream per split
@@ -98,11 +105,16 @@ class FixtureSpec:
     seed: int = 0
     corrupt: bool = False  # also plant one broken record of each CORRUPT_KINDS
     hue_coded: bool = True  # False: the object's hue is drawn per image (a nuisance, as colour is in photos)
+    layout: str = "1.0"  # "2.0": WebVision 2.0's shape (module docstring)
 
     def validate(self) -> None:
         """Raise ValueError with one clear line for a spec that cannot be generated."""
+        top = WEBVISION2_CLASSES if self.layout == "2.0" else MAX_CLASSES
         for ok, msg in [
-            (1 <= self.classes <= MAX_CLASSES, f"classes must be in 1..{MAX_CLASSES}, got {self.classes}"),
+            (self.layout in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"),
+            (1 <= self.classes <= top, f"classes must be in 1..{top} (layout {self.layout}), got {self.classes}"),
+            (self.layout != "2.0" or self.imagenet_per_class == 0,
+             "layout 2.0 has no ImageNet-1k eval split: imagenet_per_class must be 0"),
             (min(self.train_per_class, self.val_per_class, self.imagenet_per_class, self.seed) >= 0,
              "per-class counts and seed must be >= 0"),
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
@@ -110,7 +122,7 @@ class FixtureSpec:
              "noise, pair, ood, flickr must be in [0, 1]"),
             (self.noise + self.ood <= 1, f"noise + ood must be <= 1, got {self.noise + self.ood}"),
             (self.noise == 0 or self.classes >= 2, "label noise needs at least 2 classes"),
-            (self.hue_coded or self.classes <= MAX_CLASSES_NO_HUE,
+            (self.hue_coded or self.layout == "2.0" or self.classes <= MAX_CLASSES_NO_HUE,
              f"without hue coding at most {MAX_CLASSES_NO_HUE} classes are distinct, got {self.classes}"),
         ]:
             if not ok:
@@ -297,9 +309,11 @@ def _plan(spec: FixtureSpec) -> tuple[list[_Job], list[tuple[str, int, int, str]
     query = 2 * label + 1 + g.integers(0, 2, n)  # two queries per class, 1-based
     counters: dict[tuple[str, int], int] = {}
 
+    digits = 5 if spec.layout == "2.0" else 4  # query folders: q0001 (1.0, 1,632 queries), q00001 (2.0, 12,597)
+
     def next_path(src: str, q: int) -> str:
         counters[src, q] = counters.get((src, q), 0) + 1
-        return f"{src}/q{q:04d}/{counters[src, q]:06d}.jpg"
+        return f"{src}/q{q:0{digits}d}/{counters[src, q]:06d}.jpg"
 
     jobs, rows = [], []
     for i in range(n):
@@ -337,7 +351,9 @@ def make_fixture(out: Path, spec: FixtureSpec, progress: bool = False, workers: 
         (root / d).mkdir(parents=True, exist_ok=True)
     lines = lambda items: "".join(f"{a} {b}\n" for a, b in items)  # noqa: E731
     info = root / "info"
-    (info / "synsets.txt").write_text(lines((wnid(c), class_name(c)) for c in range(K)))
+    # (beyond 2520 classes, layout 2.0, a drawing repeats: the name gets the repeat number)
+    names = (class_name(c) + (f"_{c // MAX_CLASSES}" if c >= MAX_CLASSES else "") for c in range(K))
+    (info / "synsets.txt").write_text(lines(zip((wnid(c) for c in range(K)), names)))
     (info / "queries_synsets_map.txt").write_text(lines((q, (q - 1) // 2) for q in range(1, 2 * K + 1)))
     google = sorted((p, y) for p, y, _, src in rows if src != "flickr")
     flickr = sorted((p, y) for p, y, _, src in rows if src == "flickr")
@@ -361,7 +377,7 @@ def make_fixture(out: Path, spec: FixtureSpec, progress: bool = False, workers: 
 
     # README.txt last: its presence means the tree is complete (the demo reuses only such a tree).
     (root / "README.txt").write_text(
-        "Synthetic WebVision-1.0-shaped fixture written by mopro-fast (data_tools/fixture.py).\n"
+        f"Synthetic WebVision-{spec.layout}-shaped fixture written by mopro-fast (data_tools/fixture.py).\n"
         "Classes are drawn shapes; truth.tsv holds the true content of every listed training image.\n"
         f"seed: {spec.seed}\nspec: {json.dumps(asdict(spec), sort_keys=True)}\n"
     )

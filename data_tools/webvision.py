@@ -1,4 +1,8 @@
-"""Listing of a WebVision 1.0 root and of ImageNet val (DESIGN.md section 2).
+"""Listing of a WebVision root (1.0, or 2.0: the same info/ files) and of ImageNet val (DESIGN.md section 2).
+
+Nothing here assumes a class count or ImageNet synsets: the classes are the lines of synsets.txt
+(1,000 in 1.0, 5,000 in 2.0, whose ids beyond the ILSVRC-2012 ones are other WordNet synsets), and
+a listing of 16 M lines is held in compact columns (data_tools/records.py).
 
 A listing turns the data set's text files into `Record`s: one per listed image, with a stable
 key, the path relative to the image root, the web label, the source and the query id. Nothing
@@ -14,12 +18,15 @@ ImageNet val: one folder per wnid, or a flat folder plus a labels file ("<file> 
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
+from data_tools.filelist import Columns, read_file_list
+from data_tools.records import Record, RecordTable, RecordView, make_key, table_of  # noqa: F401 (Record, make_key: public here)
 from mopro_fast.errors import MoproError
 
 SOURCES = ("google", "flickr")
@@ -32,40 +39,26 @@ class ListingError(MoproError):
     """A listing problem the user must fix; the message is one line: where, what, what to do."""
 
 
-@dataclass(frozen=True)
-class Record:
-    """One listed image. `path` is relative to `root`; `index` is its position in its split."""
-
-    key: str
-    root: str
-    path: str
-    label: int
-    source: str
-    index: int
-    query: int | None = None
-
-    def file(self) -> Path:
-        return Path(self.root) / self.path
-
-    def to_json(self) -> dict:
-        out = {"key": self.key, "path": self.path, "label": self.label, "source": self.source,
-               "index": self.index}
-        if self.query is not None:
-            out["query"] = self.query
-        return out
-
-
 @dataclass
 class Split:
-    """The records of one split in listing order, and the listed lines refused before decoding."""
+    """The records of one split in listing order, and the listed lines refused before decoding.
+
+    The lines live in `table` (compact columns, data_tools/records.py); `records` makes a `Record`
+    each time one is read, so a split of 16 M lines costs a few hundred MB, not tens of GB.
+    """
 
     name: str
-    records: list[Record]
-    duplicates: list[Record] = field(default_factory=list)  # same path listed again
+    table: RecordTable
+    rows: np.ndarray  # rows of `table` that are records (not repeated paths), ascending
+    duplicates: list[Record]  # same path listed again
+
+    @property
+    def records(self) -> RecordView:
+        return RecordView(self.table, self.rows)
 
     @property
     def num_listed(self) -> int:
-        return len(self.records) + len(self.duplicates)
+        return len(self.table)
 
 
 @dataclass(frozen=True)
@@ -77,7 +70,7 @@ class Synset:
 def read_synsets(root: Path) -> list[Synset]:
     path = Path(root) / "info" / "synsets.txt"
     if not path.is_file():
-        raise ListingError(f"{path}: not found; is {root} a WebVision 1.0 root (it needs info/synsets.txt)?")
+        raise ListingError(f"{path}: not found; is {root} a WebVision root (1.0 or 2.0: it needs info/synsets.txt)?")
     synsets = []
     for lineno, line in _lines(path):
         parts = line.split(maxsplit=1)
@@ -120,19 +113,18 @@ def list_webvision(
     if limit < 1:
         raise ListingError(f"--classes must be at least 1, got {limit}")
 
-    train_lines: list[tuple[str, int, str]] = []
+    files = []
     for source in wanted:
         path = root / "info" / f"train_filelist_{source}.txt"
         if not path.is_file():
             raise ListingError(f"{path}: not found; list it or leave {source} out with --sources")
-        train_lines += [(p, y, source) for p, y in _label_lines(path, num_classes) if y < limit]
-    train = _make_split("train", root, train_lines)
+        files.append(path)
+    train = _split_from_files("train", root, wanted, files, num_classes, limit)
 
     val_list = root / "info" / "val_filelist.txt"
     splits = {"train": train}
     if val_list.is_file():
-        val_lines = [(f"{val_dir}/{p}", y, "val") for p, y in _label_lines(val_list, num_classes) if y < limit]
-        splits["val"] = _make_split("val", root, val_lines)
+        splits["val"] = _split_from_files("val", root, ["val"], [val_list], num_classes, limit, prefix=f"{val_dir}/")
     if not train.records:
         raise ListingError(f"{root}: no training records selected (subset={subset}, classes={limit}, "
                            f"sources={','.join(wanted)}); check the filters")
@@ -190,38 +182,50 @@ def effective_classes(subset: str, classes: int | None, num_synsets: int) -> int
     return min(limit, MINI_CLASSES) if subset == "mini" else limit
 
 
-def make_key(path: str) -> str:
-    """A WebDataset-safe key from a relative path: extension dropped, no dots or slashes.
-
-    WebDataset (and DALI's reader) split a member name at the first dot of its base name, so a
-    key must hold no '.', and '/' would make it a directory.
-    """
-    stem = path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "x"
+def _make_split(name: str, root: Path, lines: Sequence[tuple[str, int, str]]) -> Split:
+    """A split from (path, label, source) lines held in memory (small listings: ImageNet val)."""
+    return _split(name, table_of(str(root), list(lines)))
 
 
-def make_split(name: str, root: Path, lines: Iterable[tuple[str, int, str]]) -> Split:
-    """A Split of `(path relative to root, label, source)` lines, with the keys every listing makes."""
+def make_split(name: str, root: Path, lines: Sequence[tuple[str, int, str]]) -> Split:
+    """A Split of `(path relative to root, label, source)` lines, with the keys every listing makes
+    (`mopro-fast finetune` lists an ImageNet folder's subset with it)."""
     return _make_split(name, root, lines)
 
 
-def _make_split(name: str, root: Path, lines: Iterable[tuple[str, int, str]]) -> Split:
-    records: list[Record] = []
-    duplicates: list[Record] = []
-    seen_paths: set[str] = set()
-    seen_keys: set[str] = set()
-    for index, (path, label, source) in enumerate(lines):
-        key = make_key(path)
-        duplicate = path in seen_paths
-        if key in seen_keys and not duplicate:
-            # Two different paths that sanitise alike: a path hash keeps keys unique and stable.
-            key = f"{key}-{hashlib.sha1(path.encode()).hexdigest()[:10]}"
-        record = Record(key=key if not duplicate else f"{key}-dup{index}", root=str(root), path=path,
-                        label=label, source=source, index=index, query=_query_from_path(path))
-        (duplicates if duplicate else records).append(record)
-        seen_paths.add(path)
-        seen_keys.add(record.key)
-    return Split(name, records, duplicates)
+def _split_from_files(name: str, root: Path, sources: Sequence[str], files: Sequence[Path], num_classes: int,
+                      limit: int, prefix: str = "") -> Split:
+    """A split from file lists (one per source, in order), read into compact columns."""
+    try:
+        columns = Columns(list(files))
+    except OSError as exc:
+        raise ListingError(f"{exc.filename}: cannot read it ({exc.strerror or type(exc).__name__}); "
+                           f"check that it is a readable text file") from None
+    for code, path in enumerate(files):
+        _read_label_file(path, num_classes, limit, columns, code)
+    n = columns.n
+    table = RecordTable(str(root), sources, None, columns.label[:n], columns.source[:n],
+                        columns.blob[:columns.nbytes], columns.offsets(), prefix=prefix)
+    del columns
+    return _split(name, table)
+
+
+def _split(name: str, table: RecordTable) -> Split:
+    rows, duplicates = table.resolve()
+    return Split(name, table, rows, [table.record(r) for r in duplicates.tolist()])
+
+
+def _read_label_file(path: Path, num_classes: int, limit: int, columns: Columns, code: int) -> None:
+    """Add a file list's lines with a label below `limit` to `columns`, with source `code`."""
+    def undecodable(exc: UnicodeDecodeError, offset: int) -> ListingError:
+        return ListingError(f"{path}: not UTF-8 text ({exc.reason} at byte {offset + exc.start})")
+
+    try:
+        read_file_list(path, limit, lambda line, lineno: _label_line(path, line, lineno, num_classes),
+                       undecodable, num_classes, columns, code)
+    except OSError as exc:
+        raise ListingError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__}); "
+                           f"check that it is a readable text file") from None
 
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
@@ -238,15 +242,15 @@ def _lines(path: Path) -> Iterable[tuple[int, str]]:
             yield lineno, line
 
 
-def _label_lines(path: Path, num_classes: int) -> Iterable[tuple[str, int]]:
-    for lineno, line in _lines(path):
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2:
-            raise ListingError(f"{path}:{lineno}: expected '<relative path> <label>', got {line!r}; fix or delete the line")
-        name, tag = parts
-        if name.startswith("/") or ".." in Path(name).parts:
-            raise ListingError(f"{path}:{lineno}: path {name!r} must be relative to the root and stay inside it")
-        yield name, _parse_label(tag, path, lineno, num_classes)
+def _label_line(path: Path, line: str, lineno: int, num_classes: int) -> tuple[str, int]:
+    """One stripped, non-comment line of a file list: (relative path, label), or the error."""
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2:
+        raise ListingError(f"{path}:{lineno}: expected '<relative path> <label>', got {line!r}; fix or delete the line")
+    name, tag = parts
+    if name.startswith("/") or ".." in Path(name).parts:
+        raise ListingError(f"{path}:{lineno}: path {name!r} must be relative to the root and stay inside it")
+    return name, _parse_label(tag, path, lineno, num_classes)
 
 
 def _parse_label(tag: str, path: Path, lineno: int, num_classes: int) -> int:
@@ -256,8 +260,3 @@ def _parse_label(tag: str, path: Path, lineno: int, num_classes: int) -> int:
     if label >= num_classes:
         raise ListingError(f"{path}:{lineno}: label {label} out of range; synsets.txt lists {num_classes} classes")
     return label
-
-
-def _query_from_path(path: str) -> int | None:
-    match = re.search(r"(?:^|/)q(\d+)/", path)
-    return int(match.group(1)) if match else None

@@ -78,11 +78,12 @@ def tick() -> None:
 
 
 def run_tasks(fn: Callable, tasks: Sequence, args: tuple, workers: int,
-              report: Callable[[int], None]) -> dict[str, object]:
-    """{task.name: fn(task, *args)} for every task, in `workers` processes (or in this one).
+              report: Callable[[int], None], keep: Callable = lambda result: result) -> dict[str, object]:
+    """{task.name: keep(fn(task, *args))} for every task, in `workers` processes (or in this one).
 
     `report(n)` gets the number of images done so far, at least every 0.25 s in a pool; in this
-    process `fn` is called with `tick=` instead.
+    process `fn` is called with `tick=` instead. `keep` makes each result what is held until the
+    end (e.g. a compact form), as it arrives.
     """
     results: dict[str, object] = {}
     if workers <= 1 or len(tasks) <= 1:
@@ -93,7 +94,7 @@ def run_tasks(fn: Callable, tasks: Sequence, args: tuple, workers: int,
             report(done[0])
 
         for task in tasks:
-            results[task.name] = fn(task, *args, tick=local_tick)
+            results[task.name] = keep(fn(task, *args, tick=local_tick))
         return results
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
@@ -105,7 +106,7 @@ def run_tasks(fn: Callable, tasks: Sequence, args: tuple, workers: int,
             finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             report(counter.value)
             for future in finished:
-                results[pending.pop(future).name] = future.result()
+                results[pending.pop(future).name] = keep(future.result())
     except BrokenProcessPool:
         stop(pool)
         raise OutputError("a conversion worker process died (killed, or out of memory?); "

@@ -45,6 +45,15 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (`--max-restarts`): 0 on the first
+    attempt and without torchrun. torchrun sets TORCHELASTIC_RESTART_COUNT in every worker."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Initialise the default process group when launched by torchrun; returns whether it did.
 
@@ -56,7 +65,17 @@ def init_from_env(backend: str | None = None) -> bool:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend)
+    attempt = restart_count()
+    if attempt and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's c10d rendezvous shares one TCPStore with the workers and keeps it across restarts:
+        # a restarted group would read the dead attempt's peer addresses from it and fail to connect
+        # (pytorch/pytorch#135712). Each attempt's process group gets its own key prefix instead. (With
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which multi-node launches set, every attempt has a fresh store.)
+        store, rank_, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"mopro-attempt-{attempt}", store), rank=rank_,
+                                world_size=world)
+    else:
+        dist.init_process_group(backend)
     return True
 
 

@@ -193,6 +193,27 @@ def test_train_batches_contract_and_view_statistics(ffcv_shards: Path) -> None:
     assert (spread_k[~gray] > 2.5).mean() > 0.9 and (spread_q > 2.5).mean() > 0.9
 
 
+def test_host_colour_pass_equals_the_batched_torch_ops() -> None:
+    """ffcv_color's compiled per-sample pass (the CPU path) against views.color + normalize_uint8 (the
+    batched tensor ops it replaces on the CPU, kept on a GPU): same parameters, float rounding apart."""
+    from mopro_fast.data.batch import normalize_uint8
+    from mopro_fast.data.ffcv_color import finish_on_host
+    from mopro_fast.views.color import apply_strong_color, sample_strong_color
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 24, 20, 16, 3), dtype=np.uint8)  # two views, B = 24, HWC
+    images[:, 5, :4] = images[:, 5, :4, :, :1]  # grey rows
+    images[:, 6, :, :, 1] = images[:, 6, :, :, 0]  # channel ties (the hue's edge cases)
+    color = sample_strong_color(24, torch.Generator().manual_seed(3))
+    assert color.gray.any() and (~color.gray).any() and len({tuple(o) for o in color.order.tolist()}) > 5
+    q, k = finish_on_host(images[0], images[1], color.gray.numpy(), color.factors.numpy(), color.order.numpy())
+    as_nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)  # noqa: E731
+    ref_q = normalize_uint8(as_nchw(images[0]))
+    ref_k = normalize_uint8(apply_strong_color(as_nchw(images[1]).float(), color))
+    assert torch.equal(as_nchw(q), ref_q)
+    assert float((as_nchw(k) - ref_k).abs().max()) < 1e-4  # normalised units: 1e-4 x 255 x 0.225 < 0.01 levels
+
+
 # ------------------------------------------------------------------------------------- train run, bench
 
 def test_demo_recipe_trains_and_evaluates_with_ffcv(ffcv_shards: Path, small_fixture: Path, tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ DERIVED_BEFORE = {  # derive(cfg, 8, 2560).to_dict() before issue 15
     "gamma": 0.1, "proto_start_epoch": 1, "clean_start_epoch": 11, "capped": False,
 }
 
-NEW_KEYS = {  # issue 15's switches, at their defaults (each leaves the paper recipe as it was)
+NEW_KEYS = {  # issues 15 and 18 (data.cache_dir): new keys at their defaults, leaving the paper recipe as it was
+    "data": {"cache_dir": None},
     "model": {"blurpool": False},
     "mopro": {"proto_start_fraction": None, "clean_start_fraction": None, "momentum_batch": None},
     "optim": {"label_smoothing": 0.0, "no_bn_weight_decay": False},

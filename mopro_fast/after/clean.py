@@ -82,9 +82,10 @@ def score_split(trained: Trained, progress: bool = True) -> Tensor:
     """
     from mopro_fast.data import backend_options, build_eval_loader, loader_spec
     from mopro_fast.data.manifest import read_manifest
+    from mopro_fast.data.remote import location
 
     cfg = trained.cfg
-    shards = Path(cfg.data.shards)
+    shards = location(cfg.data.shards)
     manifest = read_manifest(shards)
     split = cfg.data.train_split
     if manifest.num_classes != trained.num_classes:

@@ -19,6 +19,9 @@ def _register() -> None:
     from mopro_fast.bench import convert as _convert
 
     bench.add_command(_convert.convert_bench)
+    from mopro_fast.bench import listing as _listing
+
+    bench.add_command(_listing.listing_bench)
     from mopro_fast.bench import core as _core
 
     bench.add_command(_core.proto_bench)

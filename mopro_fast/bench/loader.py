@@ -18,6 +18,7 @@ a conversion made with `--format both`.
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ BACKENDS = ("torch", "dali", "dali-roi", "ffcv", "nvjpeg")
 # "dali-roi": the dali backend with two ROI decodes per image (each decodes only its crop's region)
 # instead of its default of one decode and two crops; measured to pick the DALI default.
 VARIANTS = {"dali-roi": ("dali", {"decode": "roi"})}
+YARDSTICKS = ("original", "decode-only")  # --baseline original: the original's PIL path, and the decode ceiling
 
 
 def available_backends() -> list[str]:
@@ -49,39 +51,111 @@ def available_backends() -> list[str]:
     return out
 
 
+# Web photos' aspect ratios (w / h) and their shares: an assumption (camera 4:3 and 3:2, wide 16:9,
+# square, portrait), stated so it can be changed; the built-in renderer draws 3/4-4/3 only.
+PHOTO_ASPECTS = ((4 / 3, 0.40), (3 / 2, 0.25), (16 / 9, 0.10), (1.0, 0.05), (3 / 4, 0.12), (2 / 3, 0.08))
+
+
+def real_photos() -> list[Path]:
+    """The real photographs the installed packages ship: matplotlib's grace_hopper.jpg (a dependency)
+    and scikit-learn's china.jpg and flower.jpg (the `transfer` extra) where installed."""
+    found = []
+    try:
+        import matplotlib
+
+        found.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    except ImportError:
+        pass
+    try:
+        import sklearn.datasets
+
+        images = Path(sklearn.datasets.__file__).parent / "images"
+        found += [images / "china.jpg", images / "flower.jpg"]
+    except ImportError:
+        pass
+    return [p for p in found if p.is_file()]
+
+
+def replace_with_photo_crops(src: Path, photos: list[Path], seed: int = 0) -> int:
+    """Overwrite every JPEG under `src` with a crop of one of `photos`: a random box with an aspect
+    ratio drawn from PHOTO_ASPECTS and a shorter side of 256-400 px (quality 95, as a web original):
+    the decode cost of real photographs, not of the smooth built-in drawings. Returns how many."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ratios, shares = zip(*PHOTO_ASPECTS)
+    pictures = [Image.open(p).convert("RGB") for p in photos]
+    files = sorted(src.rglob("*.jpg")) + sorted(src.rglob("*.JPEG"))
+    for path in files:
+        picture = pictures[int(rng.integers(len(pictures)))]
+        ratio = float(rng.choice(ratios, p=np.array(shares) / sum(shares)))
+        W, H = picture.size
+        h = int(min(H, W / ratio) * rng.uniform(0.6, 1.0))  # the box: as large as fits, then 60-100 % of it
+        w = int(h * ratio)
+        y, x = int(rng.integers(H - h + 1)), int(rng.integers(W - w + 1))
+        short = int(rng.integers(256, 401))
+        size = (round(short * ratio), short) if ratio >= 1 else (short, round(short / ratio))
+        picture.crop((x, y, x + w, y + h)).resize(size, Image.BILINEAR).save(path, "JPEG", quality=95)
+    return len(files)
+
+
 def make_shards(out: Path, classes: int, per_class: int, image_size: int, shard_size: int,
-                max_side: int = 384, fmt: str = "wds") -> Path:
-    """Built-in data set at `image_size` px converted to shards (`fmt`) under `out`; returns the shards folder."""
+                max_side: int = 384, fmt: str = "wds", photos: bool = False) -> Path:
+    """Built-in data set at `image_size` px converted to shards (`fmt`) under `out`; returns the shards
+    folder. `photos`: the source images replaced by crops of real photographs first (see
+    `replace_with_photo_crops`; the drawings stay where no photograph is installed)."""
     from data_tools.convert import ConvertSettings, convert
     from data_tools.fixture import FixtureSpec, make_fixture
 
     make_fixture(out / "src", FixtureSpec(classes=classes, train_per_class=per_class, val_per_class=0,
                                           imagenet_per_class=0, image_size=image_size, seed=0))
+    photos = real_photos() if photos else []
+    if photos:
+        replace_with_photo_crops(out / "src", photos)
     convert(out / "src", out / "shards", ConvertSettings(shard_size=shard_size, max_side=max_side), progress=False,
             fmt=fmt)
     return out / "shards"
 
 
-def measure(backend: str, shards: Path, split: str, resolution: int, batch_size: int, workers: int,
-            warmup: int, windows: int, window_batches: int, device: str = "cpu") -> dict:
-    """Median two-view images/s of one backend's training loader over timed windows of batches."""
+def _backend_batches(backend: str, shards: Path, split: str, resolution: int, batch_size: int, workers: int,
+                     steps: int, device: str):
+    """An iterator over `steps` training batches of one backend's loader (epoch 0)."""
     import torch
 
     from mopro_fast.data import build_train_loader
 
-    steps = 1 + warmup + windows * window_batches
     backend, extra = VARIANTS.get(backend, (backend, {}))
-    dev = resolve_device(device)
-    if backend == "nvjpeg" and dev.type == "cuda":
+    if backend == "nvjpeg" and resolve_device(device).type == "cuda":
         extra = {**extra, "dtype": torch.bfloat16}  # what a bf16 run feeds its first convolution
+    loader = build_train_loader(backend, **extra, shards=shards, split=split, batch_size=batch_size,
+                                resolution=resolution, workers=workers, shuffle_buffer=1000, seed=0, rank=0,
+                                world_size=1, device=device, steps_per_epoch=steps)
+    loader.set_epoch(0)
+    return iter(loader)
+
+
+def measure(backend: str, shards: Path, split: str, resolution: int, batch_size: int, workers: int,
+            warmup: int, windows: int, window_batches: int, device: str = "cpu",
+            loose: Path | None = None) -> dict:
+    """Median two-view images/s of one backend's training loader (or of a yardstick of original.py,
+    read from the loose folder `loose`) over timed windows of batches."""
+    from mopro_fast.bench import original
+
+    steps = 1 + warmup + windows * window_batches
+    dev = resolve_device(device)
+    if backend == "original":
+        make = lambda: original.original_batches(loose, resolution, batch_size, workers, steps)  # noqa: E731
+    elif backend == "decode-only":
+        jpegs = original.jpegs_of(loose)
+        make = lambda: original.decode_only_batches(jpegs, batch_size, workers, steps)  # noqa: E731
+    else:
+        make = lambda: _backend_batches(backend, shards, split, resolution, batch_size, workers, steps,  # noqa: E731
+                                        device)
     held: dict = {}
 
     def first_batch() -> None:  # build + first batch (JIT/compile, worker start-up)
-        loader = build_train_loader(backend, **extra, shards=shards, split=split, batch_size=batch_size,
-                                    resolution=resolution, workers=workers, shuffle_buffer=1000, seed=0, rank=0,
-                                    world_size=1, device=device, steps_per_epoch=steps)
-        loader.set_epoch(0)
-        held["it"] = iter(loader)
+        held["it"] = make()
         next(held["it"])
 
     def batches(n: int):
@@ -102,39 +176,75 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
             "warmup_s": round(warm_ms / 1e3, 2), "spread": round(timing.spread, 3)}
 
 
-def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int, batch_size: int,
-                     workers: int, warmup: int, windows: int, window_batches: int, classes: int, per_class: int,
-                     image_size: int, max_side: int = 384, device: str = "cpu") -> dict:
+def _ratios(img_s: dict[str, float], to: str) -> dict[str, float]:
+    """Each loader backend's images/s over `to`'s (the yardsticks themselves left out)."""
+    return {b: round(v / img_s[to], 2) for b, v in img_s.items() if b not in YARDSTICKS and img_s.get(to)}
+
+
+def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int | list[int],
+                     batch_size: int, workers: int, warmup: int, windows: int, window_batches: int, classes: int,
+                     per_class: int, image_size: int, max_side: int = 384, device: str = "cpu",
+                     baseline: str | None = None, photos: bool = False) -> dict:
+    """One report: every backend at every resolution (the first one's figures at the top level, every
+    one's under `by_res`); with `baseline="original"` also the original's PIL path and the
+    decode-only ceiling, and each backend's ratio to both."""
+    resolutions = [resolution] if isinstance(resolution, int) else list(resolution)
     with tempfile.TemporaryDirectory(prefix="mopro-bench-loader-") as tmp:
         made = shards is None
         if made:
             shard_size = max(50, classes * per_class // 8)
             shards = make_shards(Path(tmp), classes, per_class, image_size, shard_size, max_side,
-                                 fmt="both" if "ffcv" in backends else "wds")
+                                 fmt="both" if "ffcv" in backends else "wds", photos=photos)
         from mopro_fast.data.manifest import read_manifest
 
         samples = read_manifest(shards).num_written(split)
-        per_backend = {b: measure(b, shards, split, resolution, batch_size, workers, warmup, windows, window_batches,
-                                  device) for b in backends}
-    result = {"bench": "loader", "img_s": {b: r["img_s"] for b, r in per_backend.items()},
+        loose = None
+        if baseline == "original":
+            from mopro_fast.bench.original import write_loose
+
+            loose = write_loose(shards, split, Path(tmp) / "loose")
+        args = (split, batch_size, workers, warmup, windows, window_batches, device)
+
+        def run(name: str, res: int) -> dict:
+            s, b, w, wu, nw, wb, dev = args
+            return measure(name, shards, s, res, b, w, wu, nw, wb, dev, loose=loose)
+
+        limit = run("decode-only", resolutions[0]) if loose else None  # one decode per image: no resolution
+        by_res = {}
+        for res in resolutions:
+            details = {**({"original": run("original", res)} if loose else {}),
+                       **{b: run(b, res) for b in backends}, **({"decode-only": limit} if loose else {})}
+            entry = {"img_s": {b: r["img_s"] for b, r in details.items()}, "details": details}
+            if loose:
+                entry["vs_original"] = _ratios(entry["img_s"], "original")
+                entry["of_limit"] = _ratios(entry["img_s"], "decode-only")
+            by_res[str(res)] = entry
+    first = by_res[str(resolutions[0])]
+    per_backend = first["details"]
+    result = {"bench": "loader", "img_s": first["img_s"],
               "first_batch_s": {b: r["first_batch_s"] for b, r in per_backend.items()}}
-    if "torch" in per_backend and "ffcv" in per_backend:
-        result["ratio_ffcv_torch"] = round(per_backend["ffcv"]["img_s"] / per_backend["torch"]["img_s"], 2)
-    if "torch" in per_backend and "dali" in per_backend:
-        result["ratio_dali_torch"] = round(per_backend["dali"]["img_s"] / per_backend["torch"]["img_s"], 2)
-    if "torch" in per_backend and "nvjpeg" in per_backend:
-        result["ratio_nvjpeg_torch"] = round(per_backend["nvjpeg"]["img_s"] / per_backend["torch"]["img_s"], 2)
+    if loose:
+        result["vs_original"], result["of_limit"] = first["vs_original"], first["of_limit"]
+    for other, key in (("ffcv", "ratio_ffcv_torch"), ("dali", "ratio_dali_torch"), ("nvjpeg", "ratio_nvjpeg_torch")):
+        if "torch" in per_backend and other in per_backend:
+            result[key] = round(per_backend[other]["img_s"] / per_backend["torch"]["img_s"], 2)
     if "dali" in per_backend and "dali-roi" in per_backend:
         result["ratio_dali_roi_vs_once"] = round(per_backend["dali-roi"]["img_s"] / per_backend["dali"]["img_s"], 2)
     result["details"] = per_backend
-    result["settings"] = {"backends": backends, "resolution": resolution, "batch_size": batch_size,
+    if len(resolutions) > 1:
+        result["by_res"] = {res: {k: v for k, v in e.items() if k != "details"} for res, e in by_res.items()}
+        result["by_res_details"] = {res: e["details"] for res, e in by_res.items()}
+    result["settings"] = {"backends": backends, "baseline": baseline, "resolution": resolutions[0],
+                          "resolutions": resolutions, "batch_size": batch_size,
                           "workers": workers, "warmup_batches": warmup, "windows": windows,
                           "window_batches": window_batches, "split": split, "samples": samples,
                           "shards": "built-in" if made else str(shards), "device": device}
     if made:
         result["settings"].update({"classes": classes, "per_class": per_class, "image_size": image_size,
-                                   "max_side": max_side})
+                                   "max_side": max_side,
+                                   "photos": [p.name for p in real_photos()] if photos else []})
     result["env"] = environment(device)
+    result["date"] = datetime.date.today().isoformat()
     return result
 
 
@@ -142,10 +252,17 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 @click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
               help="Backend to measure (repeatable) [default: every installed one of torch, dali, ffcv, nvjpeg; "
                    "dali-roi = dali with two ROI decodes instead of one decode and two crops].")
-@click.option("--res", "resolution", default=224, show_default=True, help="Crop size of both views.")
+@click.option("--baseline", type=click.Choice(["original"]),
+              help="Also measure the original MoPro code's data path (PIL + torchvision on loose JPEGs, the "
+                   "shards' own images written out once) and the decode-only ceiling (one libjpeg-turbo decode "
+                   "per image, same workers), and report every backend's ratio to both. Generated data are then "
+                   "web-like: stored at --max-side 256 with web photos' aspect ratios.")
+@click.option("--res", "resolutions", multiple=True, type=click.IntRange(8), default=(224,), show_default=True,
+              help="Crop size of both views (repeatable: every backend at every size, one report; the first one's "
+                   "figures at the top level).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(1),
-              help="DataLoader workers (torch, nvjpeg) = DALI threads (dali) [default: all cores].")
+              help="DataLoader workers (torch, nvjpeg, original) = DALI / FFCV threads [default: all cores].")
 @device_option("Where the batches are delivered: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Existing shards folder (with manifest.json) instead of generated ones.")
@@ -154,27 +271,42 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 @click.option("--windows", default=5, show_default=True, type=click.IntRange(1), help="Timed windows (median).")
 @click.option("--window-batches", default=4, show_default=True, type=click.IntRange(1), help="Batches per window.")
 @click.option("--classes", default=10, show_default=True, help="Classes of the generated data set.")
-@click.option("--per-class", default=80, show_default=True, help="Training images per class (generated).")
+@click.option("--per-class", default=None, type=click.IntRange(1),
+              help="Training images per class (generated) [default: 80; with --baseline: 64, 640 images].")
 @click.option("--image-size", default=448, show_default=True, help="Shorter side of the generated images.")
-@click.option("--max-side", default=384, show_default=True,
-              help="Shorter side the generated images are stored at (convert --max-side).")
-@click.option("--quick", is_flag=True, help="CI-sized: 4 x 20 images at 160 px, res 64, batch 16, 2 windows of 2.")
+@click.option("--max-side", default=None, type=click.IntRange(16),
+              help="Shorter side the generated images are stored at (convert --max-side) [default: 384; with "
+                   "--baseline: 256, WebVision's resized release].")
+@click.option("--quick", is_flag=True,
+              help="CI-sized: 4 x 20 images at 160 px, res 64 (unless --res is given), batch 16, 2 windows of 2.")
 @json_option
-def loader_bench(backends: tuple[str, ...], resolution: int, batch_size: int, workers: int | None,
-                 device: str, shards: Path | None, split: str, warmup: int, windows: int, window_batches: int,
-                 classes: int, per_class: int, image_size: int, max_side: int, quick: bool, as_json: bool) -> None:
-    """Two-view training images/s of the loader backends on the same shards and device."""
+def loader_bench(backends: tuple[str, ...], baseline: str | None, resolutions: tuple[int, ...], batch_size: int,
+                 workers: int | None, device: str, shards: Path | None, split: str, warmup: int, windows: int,
+                 window_batches: int, classes: int, per_class: int | None, image_size: int, max_side: int | None,
+                 quick: bool, as_json: bool) -> None:
+    """Two-view training images/s of the loader backends on the same shards and device.
+
+    With `--baseline original`, the report says, per resolution, original / each backend / limit
+    side by side: `vs_original` (backend over the original's PIL path) and `of_limit` (backend over
+    decode-only).
+    """
     chosen = list(backends) or available_backends()
+    web = baseline is not None
+    per_class = per_class or (64 if web else 80)
+    max_side = max_side or (256 if web else 384)
+    res_list = list(resolutions)
     if quick:
-        resolution, batch_size, warmup, windows, window_batches = 64, 16, 1, 2, 2
+        batch_size, warmup, windows, window_batches = 16, 1, 2, 2
+        res_list = [64] if res_list == [224] else res_list  # the default size, unless sizes were given
         classes, per_class, image_size = 4, 20, 160
+        max_side = min(max_side, 160)
     from mopro_fast.data import BackendUnavailable
     from mopro_fast.data.manifest import ManifestError
 
     try:
-        result = run_loader_bench(chosen, shards, split, resolution, batch_size, workers or os.cpu_count() or 1,
+        result = run_loader_bench(chosen, shards, split, res_list, batch_size, workers or os.cpu_count() or 1,
                                   warmup, windows, window_batches, classes, per_class, image_size, max_side,
-                                  str(resolve_device(device)))
+                                  str(resolve_device(device)), baseline=baseline, photos=web)
     except (BackendUnavailable, ManifestError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -1,8 +1,11 @@
-"""`mopro-fast bench table REPORT.json`: the markdown table of a `bench all` report.
+"""`mopro-fast bench table REPORT.json`: the markdown table of a `bench all` report, or of a
+`bench loader --baseline original` report.
 
-The README's performance table is this command's output for a committed report, pasted between
-`<!--bench-table REPORT-->` and `<!--/bench-table-->` (`--readme README.md` does the pasting, and
-a test checks the README still equals the output), so no figure in it is typed by hand.
+The README's performance tables are this command's output for committed reports, pasted between
+`<!--bench-table REPORT-->` and `<!--/bench-table-->` (a `bench all` report) or
+`<!--loader-table REPORT-->` and `<!--/loader-table-->` (a loader report against the original)
+(`--readme README.md` does the pasting, and tests check the README still equals the output), so
+no figure in them is typed by hand.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import click
 
 _BLOCK = re.compile(r"<!--bench-table (?P<path>\S+)-->\n.*?<!--/bench-table-->", re.DOTALL)
+_LOADER_BLOCK = re.compile(r"<!--loader-table (?P<path>\S+)-->\n.*?<!--/loader-table-->", re.DOTALL)
 
 
 def _num(x: float, unit: str = "") -> str:
@@ -118,18 +122,45 @@ def render(report: dict[str, Any], path: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def is_loader_report(report: dict[str, Any]) -> bool:
+    """A `bench loader --baseline original` report (original / backends / decode-only per size)."""
+    return report.get("bench") == "loader" and report.get("settings", {}).get("baseline") == "original"
+
+
+def render_loader(report: dict[str, Any], path: str | None = None) -> str:
+    """Per crop size: the original's PIL path, every backend (images/s and ratio to the original),
+    and the decode-only ceiling, from a `bench loader --baseline original` report."""
+    s, env = report["settings"], report.get("env", {})
+    by_res = report.get("by_res") or {str(s["resolution"]): report}
+    backends = [b for b in s["backends"] if b in report["img_s"]]
+    head = (f"**CPU ({env.get('cpus', '?')} cores)** · {report.get('date', '?')} · torch {env.get('torch', '?')} · "
+            f"{s['samples']} crops of real photos ({', '.join(s.get('photos', [])) or 'built-in drawings'}) stored at "
+            f"{s['max_side']} px (shorter side) · batch {s['batch_size']} · {s['workers']} workers · median of "
+            f"{s['windows']} windows" + (f" · report `{path}`" if path else ""))
+    lines = [head, "", "| crop | original (PIL + torchvision) | " + " | ".join(f"`{b}`" for b in backends)
+             + " | decode only (ceiling) |", "|---" * (len(backends) + 3) + "|"]
+    for res, entry in by_res.items():
+        img = entry["img_s"]
+        cells = [f"{_num(img[b])} img/s ({_ratio(entry['vs_original'][b])})" for b in backends]
+        lines.append(f"| {res} px | {_num(img['original'])} img/s (1x) | " + " | ".join(cells)
+                     + f" | {_num(img['decode-only'])} img/s |")
+    return "\n".join(lines)
+
+
 def load_report(path: Path) -> dict[str, Any]:
     try:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot read the report {path}: {exc}") from None
-    if not isinstance(report, dict) or report.get("report") != "mopro-fast bench all":
-        raise click.ClickException(f"{path} is not a `mopro-fast bench all` report")
+    if not isinstance(report, dict) or (report.get("report") != "mopro-fast bench all"
+                                        and not is_loader_report(report)):
+        raise click.ClickException(f"{path} is not a `mopro-fast bench all` report nor a "
+                                   f"`bench loader --baseline original` one")
     return report
 
 
-def readme_block(report_path: str, table: str) -> str:
-    return f"<!--bench-table {report_path}-->\n{table}\n<!--/bench-table-->"
+def readme_block(report_path: str, table: str, kind: str = "bench") -> str:
+    return f"<!--{kind}-table {report_path}-->\n{table}\n<!--/{kind}-table-->"
 
 
 @click.command("table")
@@ -137,12 +168,15 @@ def readme_block(report_path: str, table: str) -> str:
 @click.option("--readme", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Also replace the <!--bench-table ...--> block of this markdown file with the table.")
 def table_command(report: Path, readme: Path | None) -> None:
-    """Print the markdown table of a `bench all` REPORT (JSON); optionally paste it into a README."""
-    table = render(load_report(report), str(report))
+    """Print the markdown table of a `bench all` or `bench loader --baseline original` REPORT (JSON);
+    optionally paste it into a README's block of that kind."""
+    data = load_report(report)
+    kind, block = ("loader", _LOADER_BLOCK) if is_loader_report(data) else ("bench", _BLOCK)
+    table = (render_loader if kind == "loader" else render)(data, str(report))
     click.echo(table)
     if readme is not None:
         text = readme.read_text()
-        if not _BLOCK.search(text):
-            raise click.ClickException(f"{readme} has no <!--bench-table PATH--> ... <!--/bench-table--> block")
-        readme.write_text(_BLOCK.sub(lambda _: readme_block(str(report), table), text, count=1))
-        click.echo(f"updated the table in {readme}", err=True)
+        if not block.search(text):
+            raise click.ClickException(f"{readme} has no <!--{kind}-table PATH--> ... <!--/{kind}-table--> block")
+        readme.write_text(block.sub(lambda _: readme_block(str(report), table, kind), text, count=1))
+        click.echo(f"updated the {kind} table in {readme}", err=True)

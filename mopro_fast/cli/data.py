@@ -23,8 +23,12 @@ from data_tools.convert_config import DEFAULTS as D, OPTIONS, ConvertRecipe, loa
 
 @click.command("make-fixture")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", default=10, show_default=True, type=click.IntRange(2, 1000),
-              help="Number of classes (each a distinct shape/colour/texture).")
+@click.option("--classes", default=10, show_default=True, type=click.IntRange(2, 5000),
+              help="Number of classes (each a distinct shape/colour/texture up to 2520; --layout 2.0 allows "
+                   "5000, drawings repeating).")
+@click.option("--layout", type=click.Choice(["1.0", "2.0"]), default="1.0", show_default=True,
+              help="WebVision 1.0's shape, or 2.0's (up to 5000 classes, q00001 query folders, no ImageNet-1k "
+                   "val: pass --imagenet-per-class 0).")
 @click.option("--train-per-class", default=120, show_default=True, type=click.IntRange(1),
               help="Training images listed per class, noisy ones included.")
 @click.option("--val-per-class", default=20, show_default=True, type=click.IntRange(0),
@@ -52,8 +56,8 @@ from data_tools.convert_config import DEFAULTS as D, OPTIONS, ConvertRecipe, loa
                    "missing, 20000x20000) listed in OUT/corrupt.tsv.")
 def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: int, imagenet_per_class: int,
                  image_size: int, noise: float, pair: float, ood: float, flickr: float, seed: int,
-                 hue_coded: bool, corrupt: bool) -> None:
-    """Write the built-in WebVision-1.0-shaped data set to OUT.
+                 hue_coded: bool, corrupt: bool, layout: str) -> None:
+    """Write the built-in WebVision-1.0-shaped (or --layout 2.0) data set to OUT.
 
     Real JPEGs a small CNN can learn, with planted web noise: flipped labels and out-of-distribution
     images, recorded in OUT/truth.tsv (clean label or 'ood' per training image).
@@ -66,7 +70,7 @@ def make_fixture(out: Path, classes: int, train_per_class: int, val_per_class: i
         fail(f"{out} exists and is not empty; pick a new folder or delete it")
     spec = FixtureSpec(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                        imagenet_per_class=imagenet_per_class, image_size=image_size, noise=noise, pair=pair,
-                       ood=ood, flickr=flickr, seed=seed, corrupt=corrupt, hue_coded=hue_coded)
+                       ood=ood, flickr=flickr, seed=seed, corrupt=corrupt, hue_coded=hue_coded, layout=layout)
     try:
         spec.validate()
         summary = build(out, spec, progress=sys.stderr.isatty())

@@ -40,6 +40,10 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
     --overwrite-run). A finished run resumed says so and changes nothing.
 
     \b
+    Elastic: under torchrun --max-restarts=N, a rank that dies makes torchrun restart all ranks;
+    the restarted ranks resume from the newest checkpoint (as --resume auto) by themselves.
+
+    \b
     Progress: a bar on a terminal; otherwise (nohup, SLURM, CI) one plain line on stderr every
     run.progress_seconds (default 30): step/total, images/s, ETA, loss, data wait.
     Ctrl-C or SIGTERM saves a checkpoint at the current step, then exits 130 / 143; a second
@@ -54,6 +58,7 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
     from mopro_fast.config import load_config
     from mopro_fast.errors import Interrupted, fail
     from mopro_fast.safe_io import OutputError, describe
+    from mopro_fast.training.resume import after_restart
     from mopro_fast.training.train import train
 
     cfg = load_config(recipe, list(overrides))
@@ -64,6 +69,7 @@ def train_command(recipe: Path, overrides: tuple[str, ...], resume: str | None, 
              "--overwrite-run replaces it")
     if init is not None and not init.is_file():
         fail(f"--init {init}: no such checkpoint file")
+    resume, overwrite_run = after_restart(resume, overwrite_run, Path(cfg.run.out))  # torchrun --max-restarts
     try:
         summary = train(cfg, resume=resume, progress=not no_progress, init=str(init) if init else None,
                         overwrite_run=overwrite_run)

@@ -34,7 +34,11 @@ def spec(default: Any, *, ge: float | None = None, gt: float | None = None, le: 
 @dataclass
 class DataConfig:
     shards: str = MISSING
-    """Folder written by `mopro-fast convert` (holds manifest.json and the shards)."""
+    """Folder written by `mopro-fast convert` (holds manifest.json and the shards), or its URL: `s3://bucket/prefix`,
+    `gs://...`, `http(s)://...` (credentials from the environment only: AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."""
+    cache_dir: str | None = None
+    """Local cache of shards behind a URL: each rank fetches the shards it reads once, verifies their sha256 and
+    keeps them; null = stream them (DALI and FFCV need the cache for non-S3 URLs). Ignored for a local folder."""
     train_split: str = "train"
     """Manifest split to train on."""
     eval_splits: list[str] = spec(["val", "imagenet-val"])

@@ -5,6 +5,9 @@
   (split, resolution; eval: resize) and the backend's own options (`loader.dali.*`, options.py).
 - `TrainLoaderBase` / `EvalLoaderBase`: the shared checks, the manifest read, the empty-split
   check and the epoch plan (epochs.py). A backend subclass implements `_iterate(debug)`.
+- Where the shards live: `spec.shards` is a folder or a URL (s3://, gs://, http(s)://; remote.py),
+  `spec.cache_dir` the optional local cache (cache.py). A backend reads shard bytes only through
+  `self._source` (source.py: `open(i)` a stream, `local(i)` a local file), never by path itself.
 - Iteration always yields `Batch` (train) / `EvalBatch` (eval). `iter_debug()` yields
   `(Batch, params)` where a backend can say how it drew the views; shared keys (B-row numpy arrays):
   `flip_q`, `flip_k`, `gray` (bool), `crop_q`, `crop_k` (y0, x0, h, w as fractions of the source).
@@ -28,8 +31,11 @@ import torch
 
 from mopro_fast.data.batch import Batch, EvalBatch
 from mopro_fast.data.epochs import EpochPlan, check_loader_args
+from mopro_fast.data.host_memory import keep_freed_blocks
 from mopro_fast.errors import MoproError
 from mopro_fast.data.manifest import read_manifest
+from mopro_fast.data.remote import location, scheme
+from mopro_fast.data.source import ShardSource
 
 
 
@@ -40,7 +46,7 @@ class LoaderError(MoproError, ValueError):
 class LoaderSpec:
     """What every loader of one process shares (train and eval, every backend)."""
 
-    shards: Path  # the folder `mopro-fast convert` wrote
+    shards: Path | str  # the folder `mopro-fast convert` wrote, or its URL (kept as a string)
     batch_size: int  # images per rank per batch
     workers: int = 1  # parallel readers/decoders per rank (see the module docstring)
     prefetch: int = 2  # batches prepared ahead per rank
@@ -50,15 +56,18 @@ class LoaderSpec:
     channels_last: bool = True  # B x 3 x H x W with the strides of B x H x W x 3
     seed: int = 0
     shuffle_buffer: int = 5000  # samples held for shuffling (train only; ffcv reads in a random order anyway)
+    cache_dir: Path | None = None  # local copies of remote shards (cache.py); None: stream them
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shards", Path(self.shards))
+        object.__setattr__(self, "shards", location(self.shards))
+        object.__setattr__(self, "cache_dir", None if self.cache_dir is None else Path(self.cache_dir))
         object.__setattr__(self, "device", torch.device(self.device))
 
 
 def loader_spec(cfg: Any, rank: int, world_size: int, device: torch.device | str) -> LoaderSpec:
     """The spec of a run's config (trainer, eval, clean, cRT: the same helper)."""
-    return LoaderSpec(shards=Path(cfg.data.shards), batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
+    return LoaderSpec(shards=location(cfg.data.shards), cache_dir=cfg.data.cache_dir,
+                      batch_size=cfg.loader.batch_size, workers=cfg.loader.workers,
                       prefetch=cfg.loader.prefetch, rank=rank, world_size=world_size, device=torch.device(device),
                       channels_last=cfg.run.channels_last, seed=cfg.run.seed,
                       shuffle_buffer=cfg.loader.shuffle_buffer)
@@ -88,14 +97,32 @@ class _Shared:
         if hasattr(options, "check"):
             options.check()
         self.options = options
+        self.host_memory = keep_freed_blocks()  # batch memory reused, not page-faulted anew (host_memory.py)
         self.num_samples = self._read_split(spec.shards, split)
 
-    def _read_split(self, shards: Path, split: str) -> int:
-        """The split's webdataset shards (paths, sizes); returns the sample count. FFCV overrides it."""
-        infos = read_manifest(shards).shards(split)
-        self._paths, self._sizes = [str(s.path) for s in infos], [s.samples for s in infos]
+    def _read_split(self, shards: Path | str, split: str) -> int:
+        """The split's webdataset shards (source, names, sizes); returns the sample count. FFCV overrides it."""
+        manifest = read_manifest(shards)
+        infos = manifest.shards(split)
+        self._source = ShardSource.of(manifest, infos, self.spec.cache_dir)
+        self._paths, self._sizes = list(self._source.names), [s.samples for s in infos]
         self._where = (str(shards), split)
         return sum(self._sizes)
+
+    def _reader_paths(self, backend: str, native: tuple[str, ...] = ()) -> list[str]:
+        """The .tar paths for a library that opens the files itself (each with its .idx beside it).
+
+        Local shards: as they are. Behind a URL: the URLs when the library reads that scheme itself
+        (`native`, e.g. DALI's S3 reader) and no cache is set; else the cached copies, every shard of the
+        split fetched (with its .idx) and verified up front, as such a reader plans over all of them.
+        """
+        source = self._source
+        if not source.remote or not source.names or (source.cache is None and scheme(source.names[0]) in native):
+            return list(source.names)
+        what = f"loader.backend={backend}" + (f" (it reads {', '.join(native)}:// itself)" if native else "")
+        for i in range(len(source)):
+            source.local_index(i, what)
+        return [source.local(i, what) for i in range(len(source))]
 
 
 class TrainLoaderBase(_Shared, EpochPlan):

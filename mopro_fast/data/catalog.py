@@ -83,6 +83,9 @@ def _members_from_tar(shard: Path) -> list[dict[str, tuple[int, int, str]]]:
 def read_catalog(shards: Path | str, split: str) -> Catalog:
     """Index every written sample of `split` (reads each sample's `.json` member, never a JPEG)."""
     manifest = read_manifest(shards)
+    if manifest.remote:
+        raise ManifestError(f"this command reads samples by file offset and needs the shards in a local folder, "
+                            f"not at {manifest.root}: copy them (e.g. aws s3 sync) and set data.shards=/that/folder")
     info = manifest.split(split)
     entries: list[Entry | None] = [None] * int(info["num_listed"])
     for shard in manifest.shards(split):

@@ -292,8 +292,9 @@ class DaliTrainLoader(TrainLoaderBase):
     def _build(self, debug: bool):
         o = self.options
         return _pipeline(_train_graph, self, mix_seed(self.seed, self.epoch, self.rank, self.world_size, self.resolution),
-                         self._paths, self.rank, self.world_size, self.shuffle_buffer, self.resolution,
-                         self.device.type == "cuda", self.channels_last, o.hw_decoder_load, debug, o.decode)
+                         self._reader_paths("dali", native=("s3",)), self.rank, self.world_size, self.shuffle_buffer,
+                         self.resolution, self.device.type == "cuda", self.channels_last, o.hw_decoder_load, debug,
+                         o.decode)
 
     def _iterate(self, debug: bool) -> Iterator[tuple[Batch, dict | None]]:
         pipe = self._build(debug)
@@ -340,8 +341,9 @@ class DaliEvalLoader(EvalLoaderBase):
     def __iter__(self) -> Iterator[EvalBatch]:
         if self.share == 0:
             return
-        pipe = _pipeline(_eval_graph, self, 0, self._paths, self.rank, self.world_size, self.resize,
-                         self.resolution, self.device.type == "cuda", self.channels_last, self.options.hw_decoder_load)
+        pipe = _pipeline(_eval_graph, self, 0, self._reader_paths("dali", native=("s3",)), self.rank, self.world_size,
+                         self.resize, self.resolution, self.device.type == "cuda", self.channels_last,
+                         self.options.hw_decoder_load)
         left = self.share
         while left > 0:
             image, label, index, ok, src = _checked(pipe.run, self._paths, self._where)

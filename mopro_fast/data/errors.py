@@ -17,17 +17,17 @@ from pathlib import Path
 
 from mopro_fast.errors import MoproError
 
-_MARK = "ShardError: "
-
 
 class ShardError(MoproError):
     """A shard or .beton that cannot be read; the message is one line naming it and what to do."""
 
     def __init__(self, message: str) -> None:
         text = str(message)
-        if "Original Traceback" in text and _MARK in text:  # re-raised from a DataLoader worker
-            text = text[text.rindex(_MARK) + len(_MARK):].strip().splitlines()[0]
+        mark = f"{type(self).__name__}: "  # ShardError, or a subclass's name (remote.RemoteError)
+        if "Original Traceback" in text and mark in text:  # re-raised from a DataLoader worker
+            text = text[text.rindex(mark) + len(mark):].strip().splitlines()[0]
         super().__init__(" ".join(text.split()))
+        self.message = str(self)  # kept apart: libraries that re-raise may append to `args`
 
 
 def shards_root(path: Path | str) -> Path:

@@ -43,20 +43,31 @@ from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images, normalize_uint8
 from mopro_fast.views.color import apply_strong_color, sample_strong_color
 from mopro_fast.data.errors import check_size, damaged, reason
+from mopro_fast.data.ffcv_color import finish_on_host
 from mopro_fast.data.ffcv_ops import EvalDecoder, TwoViewDecoder, bad_rows, read_params
+from mopro_fast.data.cache import ShardCache, cache_folder
 from mopro_fast.data.manifest import ManifestError, read_manifest
+from mopro_fast.data.source import CacheNeeded
 from mopro_fast.data.stream import eval_window, mix_seed
 
 TAG_ORDER, TAG_CROPS, TAG_COLOR = 11, 12, 13  # keep these seeds apart from stream.py's tags
 
 
-def beton_path(shards: Path | str, split: str) -> tuple[Path, int]:
-    """(path of split's .beton, its sample count) from the manifest; ManifestError when there is none."""
+def beton_path(shards: Path | str, split: str, cache_dir: Path | None = None) -> tuple[Path, int]:
+    """(path of split's .beton, its sample count) from the manifest; ManifestError when there is none.
+
+    FFCV reads a local file: a .beton behind a URL is fetched into `cache_dir` (verified, cache.py)."""
     manifest = read_manifest(shards)
     info = manifest.split(split).get("beton")
     if not info:
         raise ManifestError(f"split {split!r} of {manifest.root} has no FFCV .beton; convert with "
                             f"--format ffcv or --format both")
+    if manifest.remote:
+        if cache_dir is None:
+            raise CacheNeeded(f"loader.backend=ffcv reads a local .beton, and the shards are at {manifest.root}: "
+                              f"set data.cache_dir=/a/local/folder (the .beton is fetched and verified there once)")
+        cache = ShardCache(cache_folder(cache_dir, str(manifest.root), manifest.sha256), str(manifest.root))
+        return cache.local(info["file"], info.get("sha256"), info.get("bytes")), int(info["samples"])
     path = manifest.root / info["file"]
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing; re-run the same convert command")
@@ -170,6 +181,12 @@ def _own(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return images.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _layout(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """B x 3 x H x W with the strides of B x H x W x 3 (a permuted HWC array): kept when channels-last
+    is asked, else made contiguous."""
+    return images if channels_last else images.contiguous()
+
+
 def _int_column(array: np.ndarray, device: torch.device) -> torch.Tensor:
     # A copy: FFCV reuses its output buffers a few batches later.
     return torch.from_numpy(array.reshape(-1).astype(np.int64)).to(device, non_blocking=True)
@@ -178,8 +195,8 @@ def _int_column(array: np.ndarray, device: torch.device) -> torch.Tensor:
 class _BetonSplit:
     """The split's .beton instead of webdataset shards (mixed into both loaders)."""
 
-    def _read_split(self, shards: Path, split: str) -> int:
-        self._beton, num_samples = beton_path(shards, split)
+    def _read_split(self, shards: Path | str, split: str) -> int:
+        self._beton, num_samples = beton_path(shards, split, self.spec.cache_dir)
         return num_samples
 
 
@@ -214,16 +231,22 @@ class FfcvTrainLoader(_BetonSplit, TrainLoaderBase):
         generator = torch.Generator()
         for images, label, index in _batches(self._loader):
             _check_decoded(self._beton, images[:, 0, res], index)
-            out = torch.from_numpy(images)  # B x 2 x (res + 1) x res x 3 uint8, FFCV's buffer
-            view_q = _own(out[:, 0, :res].permute(0, 3, 1, 2), self.channels_last)  # B x 3 x res x res uint8
-            view_k = _own(out[:, 1, :res].permute(0, 3, 1, 2), self.channels_last)
             generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank, step, TAG_COLOR) & ((1 << 63) - 1))
-            color = sample_strong_color(len(out), generator)
-            strong = apply_strong_color(view_k.to(dev, non_blocking=True).float(), color)  # B x 3 x res x res, 0..255
-            if self.channels_last:
-                strong = strong.contiguous(memory_format=torch.channels_last)
-            batch = Batch(finish_images(view_q, dev, self.channels_last), normalize_uint8(strong),
-                          _int_column(label, dev), _int_column(index, dev))
+            color = sample_strong_color(len(images), generator)
+            if dev.type == "cpu":  # colour ops and normalisation compiled, on the loader's threads (ffcv_color.py)
+                q, k = finish_on_host(images[:, 0, :res], images[:, 1, :res], color.gray.numpy(),
+                                      color.factors.numpy(), color.order.numpy())  # B x res x res x 3 float32 each
+                view_q, strong = (_layout(torch.from_numpy(v).permute(0, 3, 1, 2), self.channels_last) for v in (q, k))
+            else:  # on the device, batched (views.color)
+                out = torch.from_numpy(images)  # B x 2 x (res + 1) x res x 3 uint8, FFCV's buffer
+                view_q = finish_images(_own(out[:, 0, :res].permute(0, 3, 1, 2), self.channels_last), dev,
+                                       self.channels_last)  # B x 3 x res x res float, normalised
+                view_k = _own(out[:, 1, :res].permute(0, 3, 1, 2), self.channels_last)  # B x 3 x res x res uint8
+                strong = apply_strong_color(view_k.to(dev, non_blocking=True).float(), color)  # 0..255
+                if self.channels_last:
+                    strong = strong.contiguous(memory_format=torch.channels_last)
+                strong = normalize_uint8(strong)
+            batch = Batch(view_q, strong, _int_column(label, dev), _int_column(index, dev))
             params = None
             if debug:
                 q, k = read_params(images[:, 0, res]), read_params(images[:, 1, res])

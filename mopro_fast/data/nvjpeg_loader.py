@@ -43,6 +43,7 @@ from mopro_fast.views.augment import constant
 from mopro_fast.views.gpu import eval_view_batch, to_device, two_views_batch
 from mopro_fast.data.options import NvjpegOptions
 from mopro_fast.data.prefetch import prefetch
+from mopro_fast.data.source import ShardSource
 from mopro_fast.data.stream import TAG_VIEWS, eval_window, mix_seed, pieces
 from mopro_fast.data.torch_loader import (RawSample, _worker_id, eval_batches, read_pieces, slot_batches,
                                           undecodable)
@@ -94,10 +95,10 @@ def finish(views: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torc
 class _RawTrainEpoch(IterableDataset):
     """One epoch of one rank as raw batches (step, bytes, lengths, labels, indices); no decoding."""
 
-    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, steps: int, shuffle_buffer: int,
+    def __init__(self, source: ShardSource, sizes: list[int], batch_size: int, steps: int, shuffle_buffer: int,
                  seed: int, epoch: int, rank: int, world_size: int, workers: int, start_step: int):
         super().__init__()
-        self.args = (paths, sizes, batch_size, steps, shuffle_buffer, seed, epoch, rank, world_size, workers)
+        self.args = (source, sizes, batch_size, steps, shuffle_buffer, seed, epoch, rank, world_size, workers)
         self.workers, self.start_step = workers, start_step
 
     def __iter__(self) -> Iterator[tuple[int, RawBatch]]:
@@ -109,22 +110,25 @@ class _RawTrainEpoch(IterableDataset):
 class _RawEvalShare(IterableDataset):
     """The eval samples of one rank as raw batches; worker w reads sub-window w, in manifest order."""
 
-    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, rank: int, world_size: int, workers: int):
+    def __init__(self, source: ShardSource, sizes: list[int], batch_size: int, rank: int, world_size: int,
+                 workers: int):
         super().__init__()
-        self.paths, self.sizes, self.batch_size = paths, sizes, batch_size
+        self.source, self.sizes, self.batch_size = source, sizes, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, workers
 
     def __iter__(self) -> Iterator[RawBatch]:
         start, end = eval_window(sum(self.sizes), self.rank, self.world_size, self.workers, _worker_id())
-        raw = read_pieces(self.paths, pieces(self.sizes, start, end, lambda p: range(len(self.sizes))))
+        raw = read_pieces(self.source, pieces(self.sizes, start, end, lambda p: range(len(self.sizes))))
         while chunk := list(itertools.islice(raw, self.batch_size)):
             yield pack(chunk)
 
 
 def _raw_loader(dataset: IterableDataset, workers: int, prefetch_batches: int) -> DataLoader:
     # Raw bytes are not pinned: decode_jpeg reads them on the host (nvJPEG's Huffman stage) anyway.
+    # generator: never the global torch RNG (exact resume, as torch_loader._data_loader says).
     return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      prefetch_factor=max(1, -(-prefetch_batches // workers)) if workers else None)
+                      prefetch_factor=max(1, -(-prefetch_batches // workers)) if workers else None,
+                      generator=torch.Generator())
 
 
 class NvjpegTrainLoader(TrainLoaderBase):
@@ -163,7 +167,7 @@ class NvjpegTrainLoader(TrainLoaderBase):
 
     def _iterate(self, debug: bool) -> Iterator[tuple[Batch, dict | None]]:
         start, W = self.start_step, max(self.workers, 1)
-        dataset = _RawTrainEpoch(self._paths, self._sizes, self.batch_size, self._steps, self.shuffle_buffer,
+        dataset = _RawTrainEpoch(self._source, self._sizes, self.batch_size, self._steps, self.shuffle_buffer,
                                  self.seed, self.epoch, self.rank, self.world_size, W, start)
         expected = start
         raw = _raw_loader(dataset, self.workers, self.prefetch)
@@ -195,7 +199,7 @@ class NvjpegEvalLoader(EvalLoaderBase):
     def __iter__(self) -> Iterator[EvalBatch]:
         if self.num_samples == 0:
             return
-        dataset = _RawEvalShare(self._paths, self._sizes, self.batch_size, self.rank, self.world_size,
+        dataset = _RawEvalShare(self._source, self._sizes, self.batch_size, self.rank, self.world_size,
                                 max(self.workers, 1))
         yield from prefetch(_raw_loader(dataset, self.workers, self.prefetch), self._make, self.prefetch, self.device)
 

@@ -33,6 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from mopro_fast.data.base import EvalLoaderBase, TrainLoaderBase
 from mopro_fast.data.batch import Batch, EvalBatch, finish_images
 from mopro_fast.data.errors import ShardError, damaged, reason
+from mopro_fast.data.source import ShardSource
 from mopro_fast.data.stream import (TAG_BUFFER, TAG_VIEWS, Piece, batches_of_worker, buffer_shuffle, eval_window,
                                     mix_seed, pieces, shard_order, train_window)
 from mopro_fast.views.cpu import eval_view, two_views
@@ -46,15 +47,23 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-def read_piece(path: str, lo: int, hi: int) -> Iterator[RawSample]:
-    """Samples [lo, hi) of one shard, read with webdataset's tar iterators (no decoding).
+def read_piece(source: ShardSource, shard: int, lo: int, hi: int) -> Iterator[RawSample]:
+    """Samples [lo, hi) of shard number `shard`, read with webdataset's tar iterators (no decoding)
+    from the stream the source gives (a local file, a verified cached copy, or a URL stream: source.py).
 
     A damaged tar (cut short, a member missing, bad headers) raises `ShardError` naming the shard
-    and the sample (or the last good one before the damage).
+    and the sample (or the last good one before the damage); a shard the source cannot deliver
+    (unreachable, a wrong checksum) raises the source's own one-line ShardError.
     """
-    from webdataset.tariterators import tarfile_samples  # imported here: only workers read tars
+    from webdataset.tariterators import group_by_keys, tar_file_expander  # imported here: only workers read tars
 
-    samples = tarfile_samples([{"url": path}], select_files=lambda name: name.endswith(_FIELDS))
+    path = source.names[shard]
+    try:
+        stream = source.open(shard)
+    except OSError as exc:
+        raise damaged(path, f"cannot open the shard ({exc.strerror or reason(exc)})") from None
+    files = tar_file_expander([{"url": path, "stream": stream}], select_files=lambda name: name.endswith(_FIELDS))
+    samples = group_by_keys(files)
     n, key, last = lo, None, None
     try:
         for sample in itertools.islice(samples, lo, hi):
@@ -64,17 +73,20 @@ def read_piece(path: str, lo: int, hi: int) -> Iterator[RawSample]:
             last, key = key, None
             yield raw
             n += 1
+    except ShardError as exc:  # from the stream; webdataset appended its own context to the arguments
+        raise type(exc)(exc.message) from None
     except (tarfile.TarError, OSError, EOFError, KeyError, ValueError) as exc:
         raise damaged(path, f"the tar does not read: {reason(exc)}", key=key, after=last) from None
     finally:
         samples.close()
+        stream.close()
     if n < hi:
         raise damaged(path, f"it ends after {n} samples, the manifest promised at least {hi}", after=last)
 
 
-def read_pieces(paths: list[str], plan: list[Piece]) -> Iterator[RawSample]:
+def read_pieces(source: ShardSource, plan: list[Piece]) -> Iterator[RawSample]:
     for piece in plan:
-        yield from read_piece(paths[piece.shard], piece.lo, piece.hi)
+        yield from read_piece(source, piece.shard, piece.lo, piece.hi)
 
 
 def decode(jpeg: bytes, where: tuple[str, str] | None = None) -> torch.Tensor:
@@ -108,11 +120,11 @@ def _worker_id() -> int:
 class _TrainEpoch(IterableDataset):
     """One epoch of one rank; each DataLoader worker runs one slot (see stream.py)."""
 
-    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, resolution: int, steps: int,
+    def __init__(self, source: ShardSource, sizes: list[int], batch_size: int, resolution: int, steps: int,
                  shuffle_buffer: int, seed: int, epoch: int, rank: int, world_size: int, workers: int,
                  start_step: int, channels_last: bool):
         super().__init__()
-        self.paths, self.sizes = paths, sizes
+        self.source, self.sizes = source, sizes
         self.batch_size, self.resolution, self.steps = batch_size, resolution, steps
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.rank, self.world_size, self.workers = rank, world_size, workers
@@ -124,7 +136,7 @@ class _TrainEpoch(IterableDataset):
         slot = (_worker_id() + self.start_step) % W
         key = (self.seed, self.epoch, self.rank, self.world_size, W, slot)
         generator = torch.Generator()
-        for b, samples in slot_batches(self.paths, self.sizes, B, self.steps, self.shuffle_buffer, self.seed,
+        for b, samples in slot_batches(self.source, self.sizes, B, self.steps, self.shuffle_buffer, self.seed,
                                        self.epoch, self.rank, self.world_size, W, slot, self.start_step):
             view_q = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
             view_k = _empty_images(B, self.resolution, self.channels_last)  # B x 3 x res x res uint8
@@ -136,7 +148,7 @@ class _TrainEpoch(IterableDataset):
             yield slot + b * W, view_q, view_k, labels, indices
 
 
-def slot_batches(paths: list[str], sizes: list[int], batch_size: int, steps: int, shuffle_buffer: int, seed: int,
+def slot_batches(source: ShardSource, sizes: list[int], batch_size: int, steps: int, shuffle_buffer: int, seed: int,
                  epoch: int, rank: int, world_size: int, workers: int, slot: int,
                  start_step: int) -> Iterator[tuple[int, list[RawSample]]]:
     """The raw samples of slot `slot`'s batches of one epoch, from `start_step` on (stream.py's plan).
@@ -149,7 +161,7 @@ def slot_batches(paths: list[str], sizes: list[int], batch_size: int, steps: int
     start, end, quota = train_window(sum(sizes), B, steps, rank, world_size, W, slot)
     plan = pieces(sizes, start, end, lambda p: shard_order(len(sizes), seed, epoch, p))
     rng = random.Random(mix_seed(seed, epoch, rank, world_size, W, slot, TAG_BUFFER))
-    raw = itertools.islice(buffer_shuffle(read_pieces(paths, plan), shuffle_buffer, rng), quota)
+    raw = itertools.islice(buffer_shuffle(read_pieces(source, plan), shuffle_buffer, rng), quota)
     skip = batches_of_worker(start_step, W, slot)  # this slot's batches before start_step
     for _ in itertools.islice(raw, skip * B):
         pass  # read and shuffled, never decoded
@@ -163,16 +175,16 @@ def slot_batches(paths: list[str], sizes: list[int], batch_size: int, steps: int
 class _EvalShare(IterableDataset):
     """The eval samples of one rank; worker w reads sub-window w, in manifest order."""
 
-    def __init__(self, paths: list[str], sizes: list[int], batch_size: int, resolution: int, resize: int,
+    def __init__(self, source: ShardSource, sizes: list[int], batch_size: int, resolution: int, resize: int,
                  rank: int, world_size: int, workers: int, channels_last: bool):
         super().__init__()
-        self.paths, self.sizes = paths, sizes
+        self.source, self.sizes = source, sizes
         self.batch_size, self.resolution, self.resize = batch_size, resolution, resize
         self.rank, self.world_size, self.workers, self.channels_last = rank, world_size, workers, channels_last
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         start, end = eval_window(sum(self.sizes), self.rank, self.world_size, self.workers, _worker_id())
-        raw = read_pieces(self.paths, pieces(self.sizes, start, end, lambda p: range(len(self.sizes))))
+        raw = read_pieces(self.source, pieces(self.sizes, start, end, lambda p: range(len(self.sizes))))
         while chunk := list(itertools.islice(raw, self.batch_size)):
             images = _empty_images(len(chunk), self.resolution, self.channels_last)  # b x 3 x res x res uint8
             for i, (jpeg, _, _, where) in enumerate(chunk):
@@ -184,8 +196,11 @@ class _EvalShare(IterableDataset):
 def _data_loader(dataset: IterableDataset, workers: int, device: torch.device, prefetch: int) -> DataLoader:
     """`prefetch` batches ahead per rank, spread over the workers (DataLoader counts per worker)."""
     # batch_size=None: workers already yield whole batches (stacked in place, no collate copy).
+    # generator: its own, so that starting an epoch never draws from the global torch RNG (a resumed
+    # run starts one mid-epoch; shuffle-BN's permutations come from that RNG, see mopro_fast.dist).
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=max(1, -(-prefetch // workers)) if workers else None)
+                      prefetch_factor=max(1, -(-prefetch // workers)) if workers else None,
+                      generator=torch.Generator())
 
 
 class TorchTrainLoader(TrainLoaderBase):
@@ -199,7 +214,7 @@ class TorchTrainLoader(TrainLoaderBase):
 
     def _iterate(self, debug: bool) -> Iterator[tuple[Batch, None]]:
         start = self.start_step
-        dataset = _TrainEpoch(self._paths, self._sizes, self.batch_size, self.resolution, self._steps,
+        dataset = _TrainEpoch(self._source, self._sizes, self.batch_size, self.resolution, self._steps,
                               self.shuffle_buffer, self.seed, self.epoch, self.rank, self.world_size,
                               max(self.workers, 1), start, self.channels_last)
         expected = start
@@ -225,7 +240,7 @@ class TorchEvalLoader(EvalLoaderBase):
     def __iter__(self) -> Iterator[EvalBatch]:
         if self.num_samples == 0:
             return
-        dataset = _EvalShare(self._paths, self._sizes, self.batch_size, self.resolution, self.resize, self.rank,
+        dataset = _EvalShare(self._source, self._sizes, self.batch_size, self.resolution, self.resize, self.rank,
                              self.world_size, max(self.workers, 1), self.channels_last)
         for image, label, index in _data_loader(dataset, self.workers, self.device, self.prefetch):
             yield EvalBatch(finish_images(image, self.device, self.channels_last),

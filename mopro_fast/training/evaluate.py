@@ -54,7 +54,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], splits: list[str
     dist.init_from_env()
     trained = load_trained(Path(checkpoint), overrides)  # query network in eval mode, on the config's device
     cfg, net, device = trained.cfg, trained.net, trained.device
-    manifest = read_manifest(Path(cfg.data.shards))
+    manifest = read_manifest(cfg.data.shards)
     if manifest.num_classes != trained.num_classes:
         raise ManifestError(f"{cfg.data.shards} has {manifest.num_classes} classes, the checkpoint's classifier "
                          f"{trained.num_classes}: wrong shards (set data.shards=...)")

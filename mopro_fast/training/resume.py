@@ -3,7 +3,8 @@
 `find_resume` picks the checkpoint (`auto`: the newest usable one in the run folder, broken ones
 skipped with a one-line warning), `apply_resume` loads everything a run needs to continue exactly
 (model, MoPro state, optimiser, scaler, RNG; checkpoint.py lists what a checkpoint holds) and
-`init_from` copies only the model weights that fit.
+`init_from` copies only the model weights that fit. `after_restart` makes a worker group that
+torchrun restarted (`--max-restarts`, after a rank died) continue from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 from pathlib import Path
 
 from mopro_fast import dist
-from mopro_fast.training.checkpoint import CheckpointError, find_resumable, load_checkpoint, set_rng_state
+from mopro_fast.training.checkpoint import (CheckpointError, find_resumable, list_checkpoints, load_checkpoint,
+                                            set_rng_state)
 from mopro_fast.config import Config
 from mopro_fast.core.mopro import MoPro
 
@@ -32,6 +34,28 @@ def init_from(path: Path, mopro: MoPro) -> str:
     fresh = sorted(set(own) - set(taken))
     return (f"initialised from {path} ({len(taken)} tensors)"
             + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+
+
+def after_restart(resume: str | None, overwrite_run: bool, run_dir: Path) -> tuple[str | None, bool]:
+    """(resume, overwrite_run) for this attempt of a torchrun worker group (elastic restarts).
+
+    On the first attempt (`dist.restart_count()` 0) both are as given. When torchrun restarted the
+    group because a rank died, every worker runs the same command line again; that must continue
+    the run, never start it over: `--resume auto` (the newest usable checkpoint in run.out; none yet
+    means from scratch, or from `--init` weights), and `--overwrite-run` no longer applies (it would
+    delete the checkpoints of the attempt that died). A `--resume PATH` is kept only while run.out
+    holds no checkpoint of its own yet. Every rank decides alike from the same files and environment.
+    """
+    dist.init_from_env()  # (torchrun's restart counts may differ between nodes: the ranks agree on one)
+    count = dist.restart_count()
+    if not dist.any_true(count > 0)[0]:
+        return resume, overwrite_run
+    if resume not in (None, "auto") and not list_checkpoints(run_dir):
+        return resume, False
+    if dist.is_main():
+        print(f"torchrun restart {count}: resuming from the newest checkpoint in {run_dir} (--resume auto)",
+              flush=True)
+    return "auto", False
 
 
 def find_resume(resume: str | None, run_dir: Path, device) -> tuple[Path, dict] | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mopro_fast.errors import MoproError
 from mopro_fast.training.checkpoint import PATTERN, list_checkpoints
-from mopro_fast.safe_io import OutputError, atomic_write_text, output_dir
+from mopro_fast.safe_io import OutputError, atomic_write_text, discard, output_dir
 
 LOCK = ".lock"
 LOG = "metrics.jsonl"
@@ -60,6 +60,8 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        for partial in self.path.glob(".ckpt-*.tmp-*"):  # only a dead writer's: we hold the lock now
+            discard(partial)
         return self
 
     def release(self) -> None:

@@ -213,7 +213,7 @@ def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None)
     device = runtime.pick_device(cfg.run.device)
     runtime.configure_backends(device, cfg.run.cudnn_benchmark, cfg.run.tf32, cfg.run.deterministic)
     runtime.seed_everything(cfg.run.seed)  # same on every rank: identical initial weights
-    manifest = read_manifest(Path(cfg.data.shards))
+    manifest = read_manifest(cfg.data.shards)
     eval_splits = _eval_splits(cfg, manifest)
     derived = derive(cfg, world, manifest.num_written(cfg.data.train_split), manifest_classes=manifest.num_classes)
     found = find_resume(resume, folder.path, device)
@@ -244,7 +244,7 @@ def _setup(cfg: Config, folder: RunFolder, resume: str | None, init: str | None)
         print(f"note: loader backend {cfg.loader.backend} cannot resume mid-epoch exactly: epoch {run.pos.epoch} "
               f"goes on from step {run.pos.step_in_epoch} with other samples and views", file=sys.stderr, flush=True)
     if cfg.data.truth:
-        run.truth = truth_by_index(Path(cfg.data.shards), cfg.data.train_split, Path(cfg.data.truth)).to(device)
+        run.truth = truth_by_index(cfg.data.shards, cfg.data.train_split, Path(cfg.data.truth)).to(device)
     run.log = RunLog(folder.path, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
                      purge_step=run.pos.global_step if resume else None)
     return run

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from mopro_fast.data.manifest import ManifestError
+from mopro_fast.data.remote import is_url
 from mopro_fast.errors import MoproError
 
 OOD = -1
@@ -37,11 +39,14 @@ def read_truth_tsv(path: Path) -> dict[str, int]:
     return truth
 
 
-def truth_by_index(shards: Path, split: str, truth_tsv: Path) -> torch.Tensor:
+def truth_by_index(shards: Path | str, split: str, truth_tsv: Path) -> torch.Tensor:
     """Tensor (num_listed,) of clean labels by sample index: -1 = OOD, -2 = not in truth.tsv.
 
     Reads only the small `.json` member of each sample (the path), never the images.
     """
+    if is_url(shards):
+        raise ManifestError(f"data.truth reads the samples' paths from local shards, and data.shards is {shards}: "
+                            f"set data.truth=null, or train from a local copy of the shards")
     manifest = json.loads((Path(shards) / "manifest.json").read_text())["splits"][split]
     by_path = read_truth_tsv(truth_tsv)
     out = torch.full((manifest["num_listed"],), UNKNOWN, dtype=torch.long)

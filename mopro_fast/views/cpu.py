@@ -8,8 +8,11 @@ Training gives each sample two views (MoPro section 3.1, augmentations of MoCo v
   factors uniform in [0.6, 1.4], hue shift uniform in [-0.4, 0.4], the four applied in a random
   order), then a horizontal flip with p = 0.5. This is MoCo v1's order; since every jitter op is
   channel-symmetric, a grayscale strong view stays R = G = B.
-The pixel work is torchvision.transforms.v2.functional on uint8 (antialiased bilinear resize), so
-it matches `torchvision.transforms.v2` given the same parameters. The parameters are sampled here,
+The pixel work is torchvision.transforms.v2.functional on uint8 (antialiased bilinear resize, flip),
+so it matches `torchvision.transforms.v2` given the same parameters; the strong view's colour ops
+are `views.jitter.strong_colour`, torchvision's uint8 kernels computed in one float buffer (the
+same values, but the hue shift's, which is `views.hue`'s closed form: equal to one grey level, 4x
+faster). The parameters are sampled here,
 not by torchvision, because v2 transforms draw from the global torch RNG: our draws come from a
 `torch.Generator` the caller seeds, which makes every view reproducible (see torch_loader.py) and
 lets tests inspect the sampled parameters (`return_params=True`).
@@ -26,6 +29,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
+
+from mopro_fast.views.jitter import strong_colour
 
 CROP_SCALE = (0.2, 1.0)  # area fraction of the source image (MoCo/MoPro use 0.2, not ImageNet's 0.08)
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio w / h
@@ -117,18 +122,18 @@ def sample_strong(draws: Draws, height: int, width: int) -> ViewParams:
     return ViewParams(top, left, h, w, flip=draws.uniform() < FLIP_P, grayscale=gray, jitter=jitter)
 
 
-_JITTER_FNS = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
-               "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+# torchvision's kernels of the colour ops: what views.jitter.strong_colour computes in one float buffer
+# (the hue by views.hue's closed form, to one level), kept as the oracle's reference.
+JITTER_FNS = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+              "saturation": F.adjust_saturation, "hue": F.adjust_hue}
 
 
 def apply_view(image: Tensor, params: ViewParams, resolution: int) -> Tensor:
     """uint8 `3 x H x W` -> uint8 `3 x resolution x resolution`: crop+resize, grayscale, jitter, flip."""
     out = F.resized_crop(image, params.top, params.left, params.height, params.width, [resolution, resolution],
                          interpolation=InterpolationMode.BILINEAR, antialias=True)
-    if params.grayscale:
-        out = F.rgb_to_grayscale(out, num_output_channels=3)
-    for op, factor in params.jitter:
-        out = _JITTER_FNS[op](out, factor)
+    if params.grayscale or params.jitter:
+        out = strong_colour(out, params.grayscale, params.jitter)  # torchvision's uint8 ops, one float buffer
     if params.flip:
         out = F.horizontal_flip(out)
     return out
