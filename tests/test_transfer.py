@@ -204,13 +204,19 @@ def test_places_svm_and_knn_in_process_reuse_the_feature_cache(trained_ckpt, tra
     assert set(report["encoders"]["checkpoint"]["bad_files"]["train"]) <= planted
     cache = tmp_path / "features" / "checkpoint-places205-val.npz"
     before = cache.stat().st_mtime_ns
-    again = run_svm(trained_ckpt, "places205", transfer_data["places205"], tmp_path, (1, 4), 1, overrides=over,
-                    workers=0)
-    assert cache.stat().st_mtime_ns == before  # every feature came from the cache
-    assert again["encoders"]["checkpoint"]["per_k"] == ours
+    again = run_svm(trained_ckpt, "places205", transfer_data["places205"], tmp_path, (1, 4), 1,
+                    reference=trained_ckpt, overrides=over, workers=0)  # the same weights as the reference
+    assert cache.stat().st_mtime_ns == before  # every feature of the checkpoint came from the cache
+    assert again["encoders"]["checkpoint"]["per_k"] == ours == again["encoders"]["reference"]["per_k"]
 
+    import torchvision
+
+    torchvision_sd = tmp_path / "rn18-torchvision.pt"  # --reference as a plain torchvision state dict
+    torch.save(torchvision.models.resnet18().state_dict(), torchvision_sd)
     knn = run_knn(trained_ckpt, transfer_data["imagenet"] / "train", transfer_data["imagenet"] / "val", tmp_path,
-                  overrides=over, workers=0)
+                  reference=torchvision_sd, overrides=over, workers=0)
+    assert set(knn["encoders"]) == {"checkpoint", "random", "reference"}
+    assert 0 <= knn["encoders"]["reference"]["top1"] <= knn["encoders"]["reference"]["top5"] <= 100
     assert knn["encoders"]["checkpoint"]["top1"] > knn["encoders"]["random"]["top1"]
     assert knn["encoders"]["checkpoint"]["top5"] >= knn["encoders"]["checkpoint"]["top1"]
     assert len(knn["encoders"]["checkpoint"]["bad_files"]["train"]) == 2
