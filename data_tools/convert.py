@@ -243,14 +243,16 @@ def _run_all(tasks: list[ShardTask], finished: dict[str, dict | None], settings:
 
 def convert(src: Path, out: Path, settings: ConvertSettings, workers: int | None = None,
             overwrite: bool = False, progress: bool = True, fmt: str = "wds",
-            beton: BetonSettings | None = None, progress_seconds: float = 30.0) -> dict:
+            beton: BetonSettings | None = None, progress_seconds: float = 30.0,
+            listing: Callable | None = None) -> dict:
     """Convert SRC into shards (and/or .beton files, `fmt`) under OUT; returns the manifest (also
     written to OUT/manifest.json). `progress`: a bar on a TTY, else a plain line on stderr every
-    `progress_seconds` (0: none). Raises `ConvertError` (one line) for anything the user must fix."""
+    `progress_seconds` (0: none). `listing`: () -> (splits, synsets) in place of SRC's WebVision listing
+    (`mopro-fast finetune` converts an ImageNet folder's subset). Raises `ConvertError` (one line)."""
     src, out = Path(src), Path(out)
     try:
         return _convert(src, out, settings, workers or os.cpu_count() or 1, overwrite, progress, fmt,
-                        beton or BetonSettings(), progress_seconds)
+                        beton or BetonSettings(), progress_seconds, listing)
     except (OutputError, SplitLost, BetonError) as exc:
         raise ConvertError(str(exc)) from None
     except OSError as exc:  # outside the atomic writes: making folders, removing stale files, reading
@@ -274,13 +276,13 @@ def _check_format(fmt: str, beton: BetonSettings) -> tuple[str, ...]:
 
 
 def _convert(src: Path, out: Path, settings: ConvertSettings, workers: int, overwrite: bool, progress: bool,
-             fmt: str, beton: BetonSettings, every_s: float) -> dict:
+             fmt: str, beton: BetonSettings, every_s: float, listing: Callable | None = None) -> dict:
     settings.check()
     formats = _check_format(fmt, beton)
     check_sources(out, settings.sources_of(src))
     created = make_out(out)
     try:
-        splits, synsets = list_splits(src, settings)
+        splits, synsets = listing() if listing is not None else list_splits(src, settings)
         check_present(splits)
     except (ListingError, SplitLost) as exc:
         unmake(created)

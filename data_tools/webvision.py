@@ -187,6 +187,12 @@ def _make_split(name: str, root: Path, lines: Sequence[tuple[str, int, str]]) ->
     return _split(name, table_of(str(root), list(lines)))
 
 
+def make_split(name: str, root: Path, lines: Sequence[tuple[str, int, str]]) -> Split:
+    """A Split of `(path relative to root, label, source)` lines, with the keys every listing makes
+    (`mopro-fast finetune` lists an ImageNet folder's subset with it)."""
+    return _make_split(name, root, lines)
+
+
 def _split_from_files(name: str, root: Path, sources: Sequence[str], files: Sequence[Path], num_classes: int,
                       limit: int, prefix: str = "") -> Split:
     """A split from file lists (one per source, in order), read into compact columns."""

@@ -23,6 +23,10 @@ DEMO = REPO / "recipes" / "small_data_cpu.yaml"
 
 SMALL = FixtureSpec(classes=6, train_per_class=30, val_per_class=6, imagenet_per_class=5, image_size=48,
                     seed=3, corrupt=True)
+# The session's one longer MoPro run (`trained_run`): 300 images of 6 classes at 32 px, 30 % flipped labels and
+# 10 % OOD; tests/test_after_training.py cleans and re-trains it, tests/test_transfer.py evaluates its encoder.
+TRAINED = FixtureSpec(classes=6, train_per_class=50, val_per_class=10, imagenet_per_class=5, image_size=32,
+                      seed=11, noise=0.3, ood=0.1)
 
 
 def run_cli(*args, cwd: Path | None = None, timeout: float = 600, threads: int | None = None,
@@ -97,6 +101,37 @@ def build_data(tmp_path_factory):
         return built[key]
 
     return build
+
+
+def trained_settings(data: dict[str, Path], out: Path, epochs: int) -> list[str]:
+    """The tiny recipe on `TRAINED`, longer: 14 epochs of 9 steps, a warm-up epoch, the prototype loss from
+    epoch 2 and noise correction from epoch 7 (half way, once the classifier is decent), one evaluation at
+    the end and one checkpoint kept."""
+    return tiny_args(data["shards"], out, epochs, **{
+        "data.truth": data["truth"], "schedule.warmup_epochs": 1, "mopro.proto_start_epoch": 2,
+        "mopro.start_clean_epoch": epochs // 2, "run.eval_every": 100, "run.keep_last": 1})
+
+
+@pytest.fixture(scope="session")
+def trained_data(build_data) -> dict[str, Path]:
+    return build_data(TRAINED, shard_size=100)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_data, tmp_path_factory) -> Path:
+    """`TRAINED` trained for 14 epochs with the tiny recipe (its run folder)."""
+    out = tmp_path_factory.mktemp("after-run") / "run"
+    result = run_cli("train", TINY, *trained_settings(trained_data, out, epochs=14), "--no-progress", cwd=REPO,
+                     threads=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(trained_run) -> Path:
+    from mopro_fast.training.checkpoint import list_checkpoints
+
+    return list_checkpoints(trained_run)[0]
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,11 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from data_tools.fixture import FixtureSpec
-from mopro_fast.training.checkpoint import list_checkpoints
-from tests.conftest import DEMO, REPO, TINY, one_line, run_cli, tiny_args
+from tests.conftest import DEMO, REPO, TINY, TRAINED, one_line, run_cli, trained_settings
 
-NOISE, OOD = 0.3, 0.1
-CLASSES, PER_CLASS = 6, 50
-DATA = FixtureSpec(classes=CLASSES, train_per_class=PER_CLASS, val_per_class=10, imagenet_per_class=5, image_size=32,
-                   seed=11, noise=NOISE, ood=OOD)
+NOISE, OOD = TRAINED.noise, TRAINED.ood
+CLASSES, PER_CLASS = TRAINED.classes, TRAINED.train_per_class
+DATA = TRAINED  # the session's trained run (tests/conftest.py: trained_data, trained_run), shared with test_transfer
 
 
 def cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -39,31 +36,22 @@ def one_line_error(result, *words: str) -> str:
     return one_line(result, 2, *words, prefix="error: ")
 
 
-def run_settings(data: dict[str, Path], out: Path, epochs: int) -> list[str]:
-    """The tiny recipe on 300 images at 32 px, longer: 14 epochs of 9 steps, a warm-up epoch, the
-    prototype loss from epoch 2 and noise correction from epoch 7 (half way, once the classifier is
-    decent), one evaluation at the end and one checkpoint kept."""
-    return tiny_args(data["shards"], out, epochs, **{
-        "data.truth": data["truth"], "schedule.warmup_epochs": 1, "mopro.proto_start_epoch": 2,
-        "mopro.start_clean_epoch": epochs // 2, "run.eval_every": 100, "run.keep_last": 1})
+run_settings = trained_settings
 
 
 @pytest.fixture(scope="session")
-def data(build_data) -> dict[str, Path]:
-    return build_data(DATA, shard_size=100)
+def data(trained_data) -> dict[str, Path]:
+    return trained_data
 
 
 @pytest.fixture(scope="session")
-def run(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("after-run") / "run"
-    result = cli("train", TINY, *run_settings(data, out, epochs=14), "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def run(trained_run) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="session")
-def ckpt(run) -> Path:
-    return list_checkpoints(run)[0]
+def ckpt(trained_ckpt) -> Path:
+    return trained_ckpt
 
 
 @pytest.fixture(scope="session")

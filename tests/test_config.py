@@ -14,8 +14,9 @@ from mopro_fast.config import (Config, ConfigError, DataConfig, LoaderConfig, Mo
                                resolution_at)
 
 RECIPES = sorted(p for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")
-                 if p.name != "crt.yaml" and not p.name.startswith("convert_"))
-# training recipes; crt.yaml is tested in tests/test_after_training.py, convert_*.yaml in tests/test_convert.py
+                 if p.name != "crt.yaml" and not p.name.startswith(("convert_", "finetune_")))
+# training recipes; crt.yaml is tested in tests/test_after_training.py, convert_*.yaml in tests/test_convert.py,
+# finetune_*.yaml in tests/test_transfer.py
 DEMO = next(p for p in RECIPES if p.name == "small_data_cpu.yaml")
 RN50_8 = next(p for p in RECIPES if p.name == "rn50_8gpu.yaml")
 RN50_1 = next(p for p in RECIPES if p.name == "rn50_1gpu.yaml")

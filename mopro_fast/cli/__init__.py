@@ -1,8 +1,8 @@
 """The `mopro-fast` command line: one click group, one sub-command per job, one error handler.
 
 The commands' click fronts live in this package (data.py: make-fixture, convert, verify; train.py:
-train, eval; after.py: clean, retrain, export, import, report; demo.py; plan.py) and `mopro_fast/bench`
-(the bench group). They keep heavy imports inside the command bodies, so `mopro-fast --help`
+train, eval; after.py: clean, retrain, export, import, report; demo.py; plan.py; transfer.py: transfer
+svm|knn|fixture, finetune) and `mopro_fast/bench` (the bench group). They keep heavy imports inside the command bodies, so `mopro-fast --help`
 stays fast (no torch, DALI or FFCV import until a command runs).
 
 Every expected failure is a `mopro_fast.errors.MoproError`: commands raise it, and `MoproGroup`
@@ -23,6 +23,7 @@ from mopro_fast.cli.data import convert, make_fixture, verify
 from mopro_fast.cli.demo import demo
 from mopro_fast.cli.plan import plan_command
 from mopro_fast.cli.train import eval_command, train_command
+from mopro_fast.cli.transfer import finetune_command, transfer
 from mopro_fast.errors import MoproError
 
 
@@ -56,6 +57,8 @@ def main() -> None:
       mopro-fast clean RUN/ckpt-....pt              # cleaned labels of the training set
       mopro-fast retrain RUN/ckpt-....pt --labels RUN/clean    # cRT on them
       mopro-fast report RUN                         # HTML page: curves, counts, galleries
+      mopro-fast transfer svm CKPT --dataset voc07 --root DIR   # low-shot SVMs on the frozen encoder
+      mopro-fast finetune CKPT recipes/finetune_in1k_1pct.yaml --root IMAGENET   # 1 % of ImageNet's labels
       mopro-fast plan recipes/rn50_8gpu.yaml --gpus 8 --img-s-per-gpu 3000   # predicted wall time
 
     \b
@@ -66,5 +69,6 @@ def main() -> None:
 
 
 for command in (make_fixture, convert, verify, bench, demo, train_command, eval_command, clean_command,
-                retrain_command, export_command, import_command, report_command, plan_command):
+                retrain_command, export_command, import_command, report_command, plan_command, transfer,
+                finetune_command):
     main.add_command(command)
