@@ -104,6 +104,14 @@ def test_host_memory_is_tuned_once_and_can_be_left_alone() -> None:
     assert tuned.stdout.split() == expected.split() and left.stdout.split() == ["os", "os"]
 
 
+def test_a_path_measured_in_a_fresh_interpreter_runs_there_and_its_error_comes_back() -> None:
+    from mopro_fast.bench.loader import in_fresh_process
+
+    assert in_fresh_process(os.getpid) != os.getpid()
+    with pytest.raises(FileNotFoundError):
+        in_fresh_process(os.stat, "/no/such/file")
+
+
 def test_bench_loader_baseline_original_reports_original_ours_and_limit(tmp_path: Path) -> None:
     result = run_cli("bench", "loader", "--baseline", "original", "--quick", "--backend", "torch", "--res", "32",
                      "--res", "48", "--json", cwd=REPO)

@@ -176,6 +176,42 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
             "warmup_s": round(warm_ms / 1e3, 2), "spread": round(timing.spread, 3)}
 
 
+def _child(results, fn, args, kwargs) -> None:
+    try:
+        results.put(("ok", fn(*args, **kwargs)))
+    except Exception as exc:  # noqa: BLE001 - sent back and raised in the parent
+        try:
+            results.put(("error", exc))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            results.put(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a fresh (spawned) interpreter: no process-wide state of one measured
+    path (the allocator setting our loaders make, data/host_memory.py; thread pools; a warm JIT)
+    carries into the next, and the original's path runs as it does on its own. Its exception is
+    raised here."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_child, args=(results, fn, args, kwargs))  # not daemonic: it starts workers
+    child.start()
+    try:
+        status, value = results.get()
+    finally:
+        child.join()
+    if status == "error":
+        raise value
+    return value
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return round(statistics.median(values), 2)
+
+
 def _ratios(img_s: dict[str, float], to: str) -> dict[str, float]:
     """Each loader backend's images/s over `to`'s (the yardsticks themselves left out)."""
     return {b: round(v / img_s[to], 2) for b, v in img_s.items() if b not in YARDSTICKS and img_s.get(to)}
@@ -184,10 +220,13 @@ def _ratios(img_s: dict[str, float], to: str) -> dict[str, float]:
 def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int | list[int],
                      batch_size: int, workers: int, warmup: int, windows: int, window_batches: int, classes: int,
                      per_class: int, image_size: int, max_side: int = 384, device: str = "cpu",
-                     baseline: str | None = None, photos: bool = False) -> dict:
+                     baseline: str | None = None, photos: bool = False, fresh: bool = True,
+                     rounds: int = 1) -> dict:
     """One report: every backend at every resolution (the first one's figures at the top level, every
     one's under `by_res`); with `baseline="original"` also the original's PIL path and the
-    decode-only ceiling, and each backend's ratio to both."""
+    decode-only ceiling, and each backend's ratio to both. `fresh`: every path measured in its own
+    spawned interpreter (`in_fresh_process`; False for the CI-sized run, where start-up would
+    dominate). `rounds`: the whole set repeated, medians over rounds (`details`: the last round's)."""
     resolutions = [resolution] if isinstance(resolution, int) else list(resolution)
     with tempfile.TemporaryDirectory(prefix="mopro-bench-loader-") as tmp:
         made = shards is None
@@ -207,18 +246,32 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 
         def run(name: str, res: int) -> dict:
             s, b, w, wu, nw, wb, dev = args
-            return measure(name, shards, s, res, b, w, wu, nw, wb, dev, loose=loose)
+            call = in_fresh_process if fresh else (lambda fn, *a, **k: fn(*a, **k))
+            return call(measure, name, shards, s, res, b, w, wu, nw, wb, dev, loose=loose)
 
-        limit = run("decode-only", resolutions[0]) if loose else None  # one decode per image: no resolution
+        # Rounds: every path once per round, rounds one after another, so a slow spell of a shared
+        # machine hits every path; per path the median over rounds of its window medians, per backend
+        # the median over rounds of its ratio within the round.
+        per_round: list[dict[str, dict]] = []
+        for _ in range(rounds):
+            limit = run("decode-only", resolutions[0]) if loose else None  # one decode per image: no resolution
+            per_round.append({str(res): {**({"original": run("original", res)} if loose else {}),
+                                         **{b: run(b, res) for b in backends},
+                                         **({"decode-only": limit} if loose else {})} for res in resolutions})
         by_res = {}
-        for res in resolutions:
-            details = {**({"original": run("original", res)} if loose else {}),
-                       **{b: run(b, res) for b in backends}, **({"decode-only": limit} if loose else {})}
-            entry = {"img_s": {b: r["img_s"] for b, r in details.items()}, "details": details}
+        for res in map(str, resolutions):
+            rounds_img_s = [{b: r["img_s"] for b, r in rd[res].items()} for rd in per_round]
+            entry = {"img_s": {b: _median([x[b] for x in rounds_img_s]) for b in rounds_img_s[0]},
+                     "details": per_round[-1][res]}
+            if rounds > 1:
+                entry["rounds_img_s"] = {b: [x[b] for x in rounds_img_s] for b in rounds_img_s[0]}
             if loose:
-                entry["vs_original"] = _ratios(entry["img_s"], "original")
-                entry["of_limit"] = _ratios(entry["img_s"], "decode-only")
-            by_res[str(res)] = entry
+                for key, to in (("vs_original", "original"), ("of_limit", "decode-only")):
+                    each = [_ratios(x, to) for x in rounds_img_s]
+                    entry[key] = {b: _median([e[b] for e in each]) for b in each[0]}
+                    if rounds > 1:
+                        entry[f"rounds_{key}"] = {b: [e[b] for e in each] for b in each[0]}
+            by_res[res] = entry
     first = by_res[str(resolutions[0])]
     per_backend = first["details"]
     result = {"bench": "loader", "img_s": first["img_s"],
@@ -227,18 +280,19 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
         result["vs_original"], result["of_limit"] = first["vs_original"], first["of_limit"]
     for other, key in (("ffcv", "ratio_ffcv_torch"), ("dali", "ratio_dali_torch"), ("nvjpeg", "ratio_nvjpeg_torch")):
         if "torch" in per_backend and other in per_backend:
-            result[key] = round(per_backend[other]["img_s"] / per_backend["torch"]["img_s"], 2)
+            result[key] = round(first["img_s"][other] / first["img_s"]["torch"], 2)
     if "dali" in per_backend and "dali-roi" in per_backend:
-        result["ratio_dali_roi_vs_once"] = round(per_backend["dali-roi"]["img_s"] / per_backend["dali"]["img_s"], 2)
+        result["ratio_dali_roi_vs_once"] = round(first["img_s"]["dali-roi"] / first["img_s"]["dali"], 2)
     result["details"] = per_backend
+    result["by_res"] = {res: {k: v for k, v in e.items() if k != "details"} for res, e in by_res.items()}
     if len(resolutions) > 1:
-        result["by_res"] = {res: {k: v for k, v in e.items() if k != "details"} for res, e in by_res.items()}
         result["by_res_details"] = {res: e["details"] for res, e in by_res.items()}
     result["settings"] = {"backends": backends, "baseline": baseline, "resolution": resolutions[0],
                           "resolutions": resolutions, "batch_size": batch_size,
                           "workers": workers, "warmup_batches": warmup, "windows": windows,
                           "window_batches": window_batches, "split": split, "samples": samples,
-                          "shards": "built-in" if made else str(shards), "device": device}
+                          "shards": "built-in" if made else str(shards), "device": device,
+                          "each_path": "a fresh interpreter" if fresh else "one interpreter", "rounds": rounds}
     if made:
         result["settings"].update({"classes": classes, "per_class": per_class, "image_size": image_size,
                                    "max_side": max_side,
@@ -270,6 +324,9 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
 @click.option("--warmup", default=4, show_default=True, type=click.IntRange(0), help="Untimed batches first.")
 @click.option("--windows", default=5, show_default=True, type=click.IntRange(1), help="Timed windows (median).")
 @click.option("--window-batches", default=4, show_default=True, type=click.IntRange(1), help="Batches per window.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1),
+              help="Repeat every path this many times, one round after another; report medians over rounds "
+                   "(a shared machine's speed drifts between runs by up to 2x here).")
 @click.option("--classes", default=10, show_default=True, help="Classes of the generated data set.")
 @click.option("--per-class", default=None, type=click.IntRange(1),
               help="Training images per class (generated) [default: 80; with --baseline: 64, 640 images].")
@@ -278,12 +335,13 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
               help="Shorter side the generated images are stored at (convert --max-side) [default: 384; with "
                    "--baseline: 256, WebVision's resized release].")
 @click.option("--quick", is_flag=True,
-              help="CI-sized: 4 x 20 images at 160 px, res 64 (unless --res is given), batch 16, 2 windows of 2.")
+              help="CI-sized: 4 x 20 images at 160 px, res 64 (unless --res is given), batch 16, 2 windows of 2, "
+                   "every path in this one interpreter (otherwise each in a fresh one).")
 @json_option
 def loader_bench(backends: tuple[str, ...], baseline: str | None, resolutions: tuple[int, ...], batch_size: int,
                  workers: int | None, device: str, shards: Path | None, split: str, warmup: int, windows: int,
-                 window_batches: int, classes: int, per_class: int | None, image_size: int, max_side: int | None,
-                 quick: bool, as_json: bool) -> None:
+                 window_batches: int, rounds: int, classes: int, per_class: int | None, image_size: int,
+                 max_side: int | None, quick: bool, as_json: bool) -> None:
     """Two-view training images/s of the loader backends on the same shards and device.
 
     With `--baseline original`, the report says, per resolution, original / each backend / limit
@@ -306,7 +364,8 @@ def loader_bench(backends: tuple[str, ...], baseline: str | None, resolutions: t
     try:
         result = run_loader_bench(chosen, shards, split, res_list, batch_size, workers or os.cpu_count() or 1,
                                   warmup, windows, window_batches, classes, per_class, image_size, max_side,
-                                  str(resolve_device(device)), baseline=baseline, photos=web)
+                                  str(resolve_device(device)), baseline=baseline, photos=web, fresh=not quick,
+                                  rounds=rounds)
     except (BackendUnavailable, ManifestError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -131,7 +131,7 @@ def run_suite(s: SuiteSettings, progress: Callable[[str], None] = lambda line: N
         lo = s.loader
         run("loader", lambda: {**run_loader_bench(s.backends, shards, "train", s.res, s.batch, s.workers, lo["warmup"],
                                                   lo["windows"], lo["window_batches"], s.classes, s.per_class,
-                                                  s.image_size, s.max_side, s.device),
+                                                  s.image_size, s.max_side, s.device, fresh=not s.quick),
                                "data": {"classes": s.classes, "per_class": s.per_class, "image_size": s.image_size,
                                         "max_side": s.max_side}})
         p, e = s.proto, s.ema

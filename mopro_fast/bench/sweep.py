@@ -61,7 +61,8 @@ def run_sweep(s: Any, step_sides: list[int], loader_sides: list[int], backends: 
             for side in loader_sides:
                 run(f"loader_{side}", lambda side=side: run_loader_bench(
                     backends, shards, "train", side, s.batch, s.workers, lo["warmup"], windows,
-                    lo["window_batches"], s.classes, per_class, s.image_size, s.max_side, s.device))
+                    lo["window_batches"], s.classes, per_class, s.image_size, s.max_side, s.device,
+                    fresh=not s.quick))
     env = environment(s.device)
     settings = {**dataclasses.asdict(s), "step_sides": step_sides, "loader_sides": loader_sides,
                 "loader_backends": backends, "step": {"rounds": rounds, "warmup": warmup},

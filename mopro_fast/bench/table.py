@@ -137,11 +137,17 @@ def render_loader(report: dict[str, Any], path: str | None = None) -> str:
             f"{s['samples']} crops of real photos ({', '.join(s.get('photos', [])) or 'built-in drawings'}) stored at "
             f"{s['max_side']} px (shorter side) · batch {s['batch_size']} · {s['workers']} workers · median of "
             f"{s['windows']} windows" + (f" · report `{path}`" if path else ""))
+    rounds = s.get("rounds", 1)
+    if rounds > 1:
+        head += f" · median of {rounds} rounds (the ratio's range over the rounds after it)"
     lines = [head, "", "| crop | original (PIL + torchvision) | " + " | ".join(f"`{b}`" for b in backends)
              + " | decode only (ceiling) |", "|---" * (len(backends) + 3) + "|"]
     for res, entry in by_res.items():
         img = entry["img_s"]
-        cells = [f"{_num(img[b])} img/s ({_ratio(entry['vs_original'][b])})" for b in backends]
+        spread = entry.get("rounds_vs_original", {})
+        cells = [f"{_num(img[b])} img/s ({_ratio(entry['vs_original'][b])}"
+                 + (f"; {_ratio(min(spread[b]))}-{_ratio(max(spread[b]))}" if b in spread else "") + ")"
+                 for b in backends]
         lines.append(f"| {res} px | {_num(img['original'])} img/s (1x) | " + " | ".join(cells)
                      + f" | {_num(img['decode-only'])} img/s |")
     return "\n".join(lines)
