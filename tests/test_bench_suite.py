@@ -89,3 +89,15 @@ def test_readme_noise_table_is_generated_from_the_committed_report():
     assert (REPO / match.group(1).replace(".json", ".png")).is_file()
     assert match.group(2).strip() == markdown(json.loads(path.read_text())).strip(), \
         f"README noise table differs from `mopro-fast bench noise --table {match.group(1)}`"
+
+
+def test_readme_loader_table_is_generated_from_the_committed_report() -> None:
+    from mopro_fast.bench.table import is_loader_report, render_loader
+
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!--loader-table (\S+)-->\n(.*?)\n<!--/loader-table-->", readme, flags=re.DOTALL)
+    assert match, "README.md has no <!--loader-table REPORT--> block"
+    report = json.loads((REPO / match.group(1)).read_text())
+    assert is_loader_report(report) and report["settings"]["resolutions"] == [224, 160, 112]
+    assert match.group(2) == render_loader(report, match.group(1)), \
+        f"README loader table differs from `mopro-fast bench table {match.group(1)}`: regenerate with --readme"

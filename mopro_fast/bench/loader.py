@@ -19,6 +19,7 @@ a conversion made with `--format both`.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -170,6 +171,8 @@ def measure(backend: str, shards: Path, split: str, resolution: int, batch_size:
     (timing,) = interleaved([batches(window_batches)], dev, windows, warmup=0, wall=True)
     for _ in held["it"]:  # let the loader finish its epoch (torch checks its step count at the end)
         pass
+    del held["it"]  # shut the workers down now, not at interpreter exit (where they abort noisily)
+    gc.collect()
     images = batch_size * window_batches
     return {"img_s": round(timing.median_rate(images), 1),
             "window_img_s": [round(r, 1) for r in timing.rates(images)], "first_batch_s": round(first_ms / 1e3, 2),

@@ -99,14 +99,20 @@ class _DecodeOnly(Dataset):
 
 
 def _repeat(loader: DataLoader, steps: int):
-    """`steps` batches, cycling over `loader`'s epochs (reshuffled each time) as a training run would."""
-    done = 0
-    while done < steps:
-        for batch in loader:
-            yield batch
-            done += 1
-            if done == steps:
-                return
+    """`steps` batches, cycling over `loader`'s epochs (reshuffled each time) as a training run would;
+    the workers are shut down when the last batch has been taken."""
+    done, it = 0, None
+    try:
+        while done < steps:
+            it = iter(loader)
+            for batch in it:
+                yield batch
+                done += 1
+                if done == steps:
+                    return
+    finally:
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 def original_batches(root: Path, resolution: int, batch_size: int, workers: int, steps: int, seed: int = 0):
