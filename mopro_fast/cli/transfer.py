@@ -34,6 +34,22 @@ def transfer() -> None:
     """
 
 
+def _feature_options(fn):
+    """The options `transfer svm` and `transfer knn` share: a reference encoder, where reports and
+    feature caches go, and how the frozen features are computed."""
+    for option in reversed([
+            click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                         help="Also evaluate this encoder: a mopro-fast checkpoint or a torchvision ResNet "
+                              "state dict."),
+            click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                         help="Report and feature caches [default: CKPT's folder/transfer]."),
+            click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1)),
+            click.option("--workers", default=4, show_default=True, type=click.IntRange(0),
+                         help="Image decoding processes.")]):
+        fn = option(fn)
+    return fn
+
+
 @transfer.command("svm", context_settings=CTX)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
@@ -44,12 +60,7 @@ def transfer() -> None:
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Images per class k, comma-separated.")
 @click.option("--draws", default=5, show_default=True, type=click.IntRange(1), help="Random draws per k.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the draws.")
-@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also evaluate this encoder: a mopro-fast checkpoint or a torchvision ResNet state dict.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report and feature caches [default: CKPT's folder/transfer].")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(0), help="Image decoding processes.")
+@_feature_options
 def svm_command(checkpoint: Path, overrides: tuple[str, ...], dataset: str, root: Path, shots: str, draws: int,
                 seed: int, reference: Path | None, out: Path | None, batch_size: int, workers: int) -> None:
     """Low-shot linear SVMs on the frozen features of CHECKPOINT, beside a random encoder (the chance floor).
@@ -78,12 +89,7 @@ def svm_command(checkpoint: Path, overrides: tuple[str, ...], dataset: str, root
               help="Folder to classify, same layout (VOC: its test split).")
 @click.option("--k", "k", default=20, show_default=True, type=click.IntRange(1), help="Neighbours.")
 @click.option("--temperature", default=0.07, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also evaluate this encoder: a mopro-fast checkpoint or a torchvision ResNet state dict.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report and feature caches [default: CKPT's folder/transfer].")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(0), help="Image decoding processes.")
+@_feature_options
 def knn_command(checkpoint: Path, overrides: tuple[str, ...], train_dir: Path, val_dir: Path, k: int,
                 temperature: float, reference: Path | None, out: Path | None, batch_size: int, workers: int) -> None:
     """Weighted cosine kNN (k neighbours vote exp(cos / T)) of --val on --train with CHECKPOINT's frozen
