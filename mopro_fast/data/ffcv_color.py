@@ -5,7 +5,8 @@ On a CUDA device the `ffcv` backend keeps doing this on the device, batched (mop
 On a CPU those batched tensor ops ran on the trainer's thread after FFCV's threads were done:
 seven blend stages and a hue rotation over the whole float batch, then a normalisation pass:
 12.9 ms per 224 px sample on one thread here, against 1.3 ms for the pass below (`bench loader`:
-ffcv went from about 1x to about 3x the original's PIL loader), while FFCV's own threads waited. Here each sample is one pass over its pixels, in parallel over the batch
+ffcv went from about 1x to about 3x the original's PIL loader), while FFCV's own threads waited.
+Here each sample is one pass over its pixels, in parallel over the batch
 (`numba.prange`, numba's thread pool, which the FFCV loader sizes to `loader.workers`):
 
 - weak view: uint8 -> `(x - 255 mean) / (255 std)` float32;
