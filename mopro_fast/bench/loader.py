@@ -220,6 +220,23 @@ def _ratios(img_s: dict[str, float], to: str) -> dict[str, float]:
     return {b: round(v / img_s[to], 2) for b, v in img_s.items() if b not in YARDSTICKS and img_s.get(to)}
 
 
+def _summarise(per_round: list[dict[str, dict]], res: str, rounds: int, yardsticks: bool) -> dict:
+    """One size's entry: per path the median over rounds of its images/s, per backend the median of its
+    ratios within each round (and the per-round values when there are several)."""
+    rounds_img_s = [{b: r["img_s"] for b, r in rd[res].items()} for rd in per_round]
+    entry = {"img_s": {b: _median([x[b] for x in rounds_img_s]) for b in rounds_img_s[0]},
+             "details": per_round[-1][res]}
+    if rounds > 1:
+        entry["rounds_img_s"] = {b: [x[b] for x in rounds_img_s] for b in rounds_img_s[0]}
+    if yardsticks:
+        for key, to in (("vs_original", "original"), ("of_limit", "decode-only")):
+            each = [_ratios(x, to) for x in rounds_img_s]
+            entry[key] = {b: _median([e[b] for e in each]) for b in each[0]}
+            if rounds > 1:
+                entry[f"rounds_{key}"] = {b: [e[b] for e in each] for b in each[0]}
+    return entry
+
+
 def run_loader_bench(backends: list[str], shards: Path | None, split: str, resolution: int | list[int],
                      batch_size: int, workers: int, warmup: int, windows: int, window_batches: int, classes: int,
                      per_class: int, image_size: int, max_side: int = 384, device: str = "cpu",
@@ -261,20 +278,7 @@ def run_loader_bench(backends: list[str], shards: Path | None, split: str, resol
             per_round.append({str(res): {**({"original": run("original", res)} if loose else {}),
                                          **{b: run(b, res) for b in backends},
                                          **({"decode-only": limit} if loose else {})} for res in resolutions})
-        by_res = {}
-        for res in map(str, resolutions):
-            rounds_img_s = [{b: r["img_s"] for b, r in rd[res].items()} for rd in per_round]
-            entry = {"img_s": {b: _median([x[b] for x in rounds_img_s]) for b in rounds_img_s[0]},
-                     "details": per_round[-1][res]}
-            if rounds > 1:
-                entry["rounds_img_s"] = {b: [x[b] for x in rounds_img_s] for b in rounds_img_s[0]}
-            if loose:
-                for key, to in (("vs_original", "original"), ("of_limit", "decode-only")):
-                    each = [_ratios(x, to) for x in rounds_img_s]
-                    entry[key] = {b: _median([e[b] for e in each]) for b in each[0]}
-                    if rounds > 1:
-                        entry[f"rounds_{key}"] = {b: [e[b] for e in each] for b in each[0]}
-            by_res[res] = entry
+        by_res = {res: _summarise(per_round, res, rounds, loose is not None) for res in map(str, resolutions)}
     first = by_res[str(resolutions[0])]
     per_backend = first["details"]
     result = {"bench": "loader", "img_s": first["img_s"],

@@ -123,10 +123,9 @@ def build_model(cfg: Config, num_classes: int, lr: float, device: torch.device, 
     dist.broadcast_module_(mopro)  # key net, queue and prototypes must start equal on every rank
     query = mopro.query
     if world > 1:
-        # Only the query network is trained; the key network follows by EMA outside DDP's sync. Cross-entropy
-        # (mopro.enabled=false: the baseline, `finetune`) leaves the projection head without gradients.
-        query = nn.parallel.DistributedDataParallel(mopro.query, device_ids=[device] if device.type == "cuda" else None,
-                                                    find_unused_parameters=not cfg.mopro.enabled)
+        # Only the query net trains (the key net follows by EMA); CE leaves the projection head without grads.
+        ids, unused = [device] if device.type == "cuda" else None, not cfg.mopro.enabled
+        query = nn.parallel.DistributedDataParallel(mopro.query, device_ids=ids, find_unused_parameters=unused)
     optimizer = runtime.sgd(runtime.decay_groups(mopro.query, cfg.optim.no_bn_weight_decay), lr, cfg.optim.momentum,
                             cfg.optim.weight_decay, cfg.optim.nesterov, cfg.optim.impl, device)
     return Training(mopro, query, optimizer, runtime.grad_scaler(device, cfg.run.precision),
