@@ -28,6 +28,8 @@ def test_schedule_keeps_steps_and_fractions():
         "schedule.epochs=18", "mopro.proto_start_epoch=2", "mopro.start_clean_epoch=6", "schedule.warmup_epochs=0.375"]
     step = schedule_overrides(SMALL, 1200, 600, ["schedule.kind=step", "schedule.milestones=[24,40]"])
     assert step[0] == "schedule.epochs=24" and step[-1] == "schedule.milestones=[12,20]"
+    # --size-rule epochs: the recipe's own 48 epochs and switches at every size.
+    assert schedule_overrides(SMALL, 1600, 600, [], "epochs") == schedule_overrides(SMALL, 600, 600, [])
 
 
 def test_verdict_reads_the_bar_from_cell_medians():

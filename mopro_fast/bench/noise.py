@@ -85,13 +85,17 @@ QUICK_SET = ("schedule.epochs=3", "mopro.proto_start_epoch=1", "mopro.start_clea
              "loader.eval_resolution=32", "mopro.queue_size=64", "loader.batch_size=32")
 
 
-def schedule_overrides(recipe: Path, size: int, reference: int, extra: list[str]) -> list[str]:
-    """The recipe's schedule for `reference` images -> the same number of steps for `size` images."""
+SIZE_RULES = ("steps", "epochs")
+
+
+def schedule_overrides(recipe: Path, size: int, reference: int, extra: list[str], rule: str = "steps") -> list[str]:
+    """The recipe's schedule for `reference` images -> the same number of steps for `size` images
+    (rule "steps"), or the recipe's own epochs whatever the size (rule "epochs")."""
     from mopro_fast.config import load_config
 
     cfg = load_config(recipe, ["run.out=unused", "data.shards=unused", *extra])
     epochs = cfg.schedule.epochs
-    scaled = max(1, round(epochs * reference / size))
+    scaled = max(1, round(epochs * reference / size)) if rule == "steps" else epochs
     at = lambda e: min(scaled, max(0, round(e * scaled / epochs)))  # noqa: E731 - same fraction of the run
     out = [f"schedule.epochs={scaled}", f"mopro.proto_start_epoch={at(cfg.mopro.proto_start_epoch)}",
            f"mopro.start_clean_epoch={at(cfg.mopro.start_clean_epoch)}",
@@ -196,14 +200,16 @@ def heat_map(cells: list[dict], path: Path, title: str) -> None:
 
 
 def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jobs: int, reference: int,
-               extra: list[str], log=print, tag: str = "") -> dict[str, Any]:
+               extra: list[str], log=print, tag: str = "", size_rule: str = "steps") -> dict[str, Any]:
     """Every (cell, seed, method) run, `jobs` at a time; the report (also written to WORK/report.json).
 
     `tag` names a variant (an ablation): its MoPro runs are `...-mopro-TAG` and its report
     report-TAG.json / heatmap-TAG.png; the cross-entropy runs are shared when the variant only
-    changes mopro.* keys."""
-    suffix = f"-{tag}" if tag else ""
-    schedules = {c: schedule_overrides(recipe, c.size, reference, extra) for c in cells}  # bad overrides: one line, now
+    changes mopro.* keys. `size_rule` "epochs" names every run, both methods, and the report with
+    "-epochs": its runs are never mixed with those of the steps rule."""
+    rule = "-epochs" if size_rule == "epochs" else ""
+    suffix = rule + (f"-{tag}" if tag else "")
+    schedules = {c: schedule_overrides(recipe, c.size, reference, extra, size_rule) for c in cells}  # bad overrides: one line, now
     work.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plan = []
@@ -220,7 +226,7 @@ def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jo
 
     def one(item) -> None:
         cell, seed, method, data, overrides = item
-        name = f"{cell.name}-s{seed}-{method}" + (suffix if method == "mopro" else "")
+        name = f"{cell.name}-s{seed}-{method}" + (suffix if method == "mopro" else rule)
         result = train_one(work, data, name, recipe, overrides, threads, method == "mopro")
         with lock:
             results.setdefault((cell.name, seed), {})[method] = result
@@ -235,7 +241,7 @@ def run_matrix(cells: tuple[Cell, ...], seeds: int, recipe: Path, work: Path, jo
             future.result()  # the first failure ends the bench with its one line
     summaries = [summarize_cell(c, {s: results[c.name, s] for s in range(seeds)}) for c in cells]
     report = {"bench": "noise", "recipe": str(recipe), "settings": {
-        "seeds": seeds, "jobs": jobs, "reference_size": reference, "classes": CLASSES, "val_per_class": VAL_PER_CLASS,
+        "seeds": seeds, "jobs": jobs, "reference_size": reference, "size_rule": size_rule, "classes": CLASSES, "val_per_class": VAL_PER_CLASS,
         "overrides": extra, "tag": tag, "hue_coded": False, "kinds": KINDS}, "cells": summaries, "summary": verdict(summaries),
         "seconds": round(time.perf_counter() - start, 1), "env": environment("cpu")}
     (work / f"report{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -275,7 +281,11 @@ def markdown(report: dict[str, Any]) -> str:
 @click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Runs at a time; the cores are split between them.")
 @click.option("--reference-size", type=click.IntRange(min=1), default=600, show_default=True,
-              help="Training images the recipe's schedule is given for; other sizes keep its number of steps.")
+              help="Training images the recipe's schedule is given for; other sizes keep its number of steps "
+                   "(--size-rule steps).")
+@click.option("--size-rule", type=click.Choice(SIZE_RULES), default="steps", show_default=True,
+              help="How a cell of another size trains: the recipe's number of optimiser steps, or its number of "
+                   "epochs (runs and report named -epochs).")
 @click.option("--cells", "only", default=None, help="Comma-separated cell names to run (default: all 24).")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Recipe override for every run (repeatable).")
 @click.option("--tag", default="", help="Name of a variant (e.g. an ablation with --set mopro.KEY=VALUE): its MoPro runs "
@@ -284,7 +294,7 @@ def markdown(report: dict[str, Any]) -> str:
 @click.option("--table", "table", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Print the markdown table of an existing report.json and exit (nothing is run).")
 @json_option
-def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size: int, only: str | None,
+def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size: int, size_rule: str, only: str | None,
                 extra: tuple[str, ...], tag: str, quick: bool, table: Path | None, as_json: bool) -> None:
     """MoPro vs. cross-entropy on a matrix of noisy built-in data (noise kind x rate x OOD x size x seeds).
 
@@ -308,7 +318,7 @@ def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size:
     log = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     if tag and not tag.replace("-", "").replace("_", "").isalnum():
         raise NoiseBenchError(f"--tag {tag!r}: use letters, digits, - and _ only (it becomes part of file names)")
-    report = run_matrix(cells, seeds, recipe, work, jobs, reference_size, list(extra), log, tag)
+    report = run_matrix(cells, seeds, recipe, work, jobs, reference_size, list(extra), log, tag, size_rule)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -320,5 +330,5 @@ def noise_bench(recipe: Path, work: Path, seeds: int, jobs: int, reference_size:
     s = report["summary"]
     click.echo(f"median difference {s['median_diff']:+.2f}, worst cell {s['worst_cell']} {s['worst_diff']:+.1f}, "
                f"min F1 at 40 % {s['min_f1_at_40']}; bar: {s['bar']}")
-    suffix = f"-{tag}" if tag else ""
+    suffix = ("-epochs" if size_rule == "epochs" else "") + (f"-{tag}" if tag else "")
     click.echo(f"report: {work / f'report{suffix}.json'}, heat map: {work / f'heatmap{suffix}.png'}")
