@@ -13,6 +13,8 @@ The recipe's schedule is given for `--reference-size` training images. A cell of
 trains for the same number of optimiser steps (epochs scaled by reference / size, rounded) with
 the warm-up, the MoPro switches and step milestones at the same fractions of the run: the stated
 rule that makes one recipe mean the same on every size.
+`--size-rule epochs` trains every size for the recipe's own epochs instead (runs and report
+named -epochs): on the 1,600-image cells the steps rule's 18 epochs starve MoPro (README).
 
 Per run: the final val top-1 (the clean-label WebVision-style split). Per MoPro run also the noise
 detection of the final model against the planted truth (`mopro-fast clean`: relabelled or dropped
